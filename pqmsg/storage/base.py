@@ -292,3 +292,21 @@ class Storage(Protocol):
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers."""
+
+
+@attrs.frozen
+class PoolStatistics:
+    """Connections of a backend: ``in_use`` serve a call now, ``idle`` wait."""
+
+    idle: int
+    in_use: int
+    max_size: int
+    waiting: int  # calls waiting for a connection
+
+
+class Backend(Storage, Protocol):
+    """A storage backend as the storage service owns it."""
+
+    name: str
+
+    def pool_statistics(self) -> PoolStatistics: ...
