@@ -31,9 +31,9 @@ PROBLEM_BASE = "https://pqmsg.dev/problems/"
 class ProblemError(Exception):
     """An error the client is told about, as problem+json."""
 
-    status: ClassVar[int] = 400
+    status: int = 400
     kind: ClassVar[str] = "bad-request"
-    title: ClassVar[str] = "Bad request"
+    title: str = "Bad request"
     default_reason: ClassVar[str] = "bad_request"
 
     def __init__(self, detail: str, *, reason: str | None = None, **extra: Any) -> None:
@@ -150,6 +150,17 @@ class Unavailable(_RetryLater):
     kind = "unavailable"
     title = "Service unavailable"
     default_reason = "unavailable"
+
+
+class HttpError(ProblemError):
+    """An HTTP-level error raised by the framework (bad method, bad framing...)."""
+
+    kind = "http"
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail, reason=title.lower().replace(" ", "_"))
+        self.status = status
+        self.title = title
 
 
 class StorageUnavailable(Unavailable):

@@ -1,0 +1,12 @@
+"""Names of audit events (the ``event`` field of each audit line)."""
+
+ACCOUNT_REGISTERED = "account.registered"
+ACCOUNT_DELETED = "account.deleted"
+AUTH_REJECTED = "auth.rejected"
+AUTH_REPLAY = "auth.replay"
+DEVICE_LINKED = "device.linked"
+DEVICE_REVOKED = "device.revoked"
+KEYS_UPLOADED = "keys.uploaded"
+KEYS_LAST_RESORT_SERVED = "keys.last_resort_served"
+RATE_LIMIT_REJECTED = "rate_limit.rejected"
+PUSH_TOKEN_DROPPED = "push.token_dropped"

@@ -1,0 +1,115 @@
+"""The ASGI edge in front of Quart: request ids, load shedding, metrics.
+
+It runs before any routing or body parsing, so a shed request costs almost
+nothing: the 503 is written at once. Route templates for the metrics come
+from Quart's URL rule, which the app stores in the scope (``pqmsg.route``);
+raw paths never become label values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from pqmsg.errors import Unavailable
+from pqmsg.http.inflight import RETRY_AFTER_OVERLOAD_S, InFlight
+from pqmsg.http.problems import PROBLEM_JSON, problem_body
+from pqmsg.metrics import Metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_KEY = "pqmsg.request_id"
+ROUTE_KEY = "pqmsg.route"
+UNMATCHED_ROUTE = "unmatched"
+_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,64}$")
+
+log = logging.getLogger("pqmsg.http")
+
+
+def request_id_for(scope: Scope) -> str:
+    """Echo the client's X-Request-Id when it is safe to, else make one."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id" and _SAFE_REQUEST_ID.match(value):
+            return str(value.decode("ascii"))
+    return secrets.token_hex(12)
+
+
+class Edge:
+    """ASGI middleware wrapping the Quart app."""
+
+    def __init__(self, app: ASGIApp, *, in_flight: InFlight, metrics: Metrics) -> None:
+        self._app = app
+        self._in_flight = in_flight
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._app(scope, receive, send)
+            return
+        request_id = request_id_for(scope)
+        scope[REQUEST_ID_KEY] = request_id
+        send = _with_request_id(send, request_id)
+        if scope["type"] == "websocket":
+            await self._app(scope, receive, send)
+            return
+        await self._http(scope, receive, send, request_id)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        borrower = object()
+        scope["pqmsg.borrower"] = borrower
+        method = scope["method"]
+        if not self._in_flight.try_admit(borrower):
+            await _shed(send, request_id)
+            self._metrics.http_requests.labels(method, UNMATCHED_ROUTE, "503").inc()
+            return
+        status = 500
+        started = trio.current_time()
+
+        async def observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, observe)
+        finally:
+            self._in_flight.release(borrower)
+            route = scope.get(ROUTE_KEY, UNMATCHED_ROUTE)
+            self._metrics.http_requests.labels(method, route, str(status)).inc()
+            self._metrics.http_duration.labels(method, route).observe(trio.current_time() - started)
+
+
+def _with_request_id(send: Send, request_id: str) -> Send:
+    header = (b"x-request-id", request_id.encode("ascii"))
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] in ("http.response.start", "websocket.accept"):
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+            headers.append(header)
+            message["headers"] = headers
+        await send(message)
+
+    return wrapped
+
+
+async def _shed(send: Send, request_id: str) -> None:
+    error = Unavailable(
+        "the server is at its in-flight request limit; retry shortly",
+        retry_after_s=RETRY_AFTER_OVERLOAD_S,
+        reason="overloaded",
+    )
+    body = problem_body(error, request_id)
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,146 @@
+"""Prometheus metrics of PROTOCOL.md §6, on a registry owned by one server.
+
+Request-path counters live here as prometheus-client instruments. Everything
+a service knows (rate-limit rejects, push outcomes, audit queue, pool
+connections, nursery tasks) is read from its ``statistics()`` at scrape time
+by :class:`StatisticsCollector`, so services never touch the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+AUTH_REJECT_REASONS = ("malformed", "skew", "unknown_device", "revoked", "signature", "replay")
+LIMITERS = ("registration", "provisioning", "bundle", "send")
+POOL_STATES = ("idle", "in_use")
+
+
+@attrs.frozen
+class ScrapeView:
+    """What the collector reads at scrape time: statistics by service name."""
+
+    services: Mapping[str, Any]
+    in_flight: int
+    in_flight_limit: int
+    long_polls: int
+
+
+class StatisticsCollector(Collector):
+    """Turns services' ``statistics()`` into metric families on each scrape."""
+
+    def __init__(self, view: Callable[[], ScrapeView]) -> None:
+        self._view = view
+
+    def collect(self) -> Iterator[Any]:
+        view = self._view()
+        stats = view.services
+        yield _gauge("pqmsg_http_in_flight_requests", "Requests being served now.", view.in_flight)
+        yield _gauge("pqmsg_http_in_flight_limit", "Requests served at once before 503.", view.in_flight_limit)
+        yield _gauge("pqmsg_long_polls_waiting", "Long polls and streams parked on new messages.", view.long_polls)
+        tasks = GaugeMetricFamily("pqmsg_nursery_tasks", "Tasks in each service nursery.", labels=["nursery"])
+        for name, stat in sorted(stats.items()):
+            tasks.add_metric([name], getattr(stat, "tasks", 0))
+        yield tasks
+        yield from _storage_families(stats.get("storage"))
+        yield from _limiter_families(stats.get("limiter"))
+        yield from _push_families(stats.get("push"))
+        yield from _audit_families(stats.get("audit"))
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _storage_families(stat: Any) -> Iterator[Any]:
+    pool = GaugeMetricFamily("pqmsg_db_pool_connections", "Database connections by state.", labels=["state"])
+    stale = 0
+    if stat is not None:
+        pool.add_metric(["idle"], stat.pool.idle)
+        pool.add_metric(["in_use"], stat.pool.in_use)
+        stale = stat.stale_signed_prekey_devices
+    yield pool
+    yield _gauge(
+        "pqmsg_signed_prekey_stale_devices",
+        "Active devices whose signed prekey is older than the rotation limit.",
+        stale,
+    )
+
+
+def _limiter_families(stat: Any) -> Iterator[Any]:
+    rejects = CounterMetricFamily(
+        "pqmsg_rate_limit_rejects", "Requests refused by a rate limiter.", labels=["limiter"]
+    )
+    counts = dict.fromkeys(LIMITERS, 0)
+    if stat is not None:
+        counts.update(stat.rejects)
+    for limiter, count in sorted(counts.items()):
+        rejects.add_metric([limiter], count)
+    yield rejects
+
+
+def _push_families(stat: Any) -> Iterator[Any]:
+    requests = CounterMetricFamily(
+        "pqmsg_push_requests", "Push wake-ups by provider and outcome.", labels=["provider", "outcome"]
+    )
+    state = GaugeMetricFamily(
+        "pqmsg_push_circuit_state", "Push circuit breaker (0 closed, 1 half-open, 2 open).", labels=["provider"]
+    )
+    if stat is not None:
+        for (provider, outcome), count in sorted(stat.requests.items()):
+            requests.add_metric([provider, outcome], count)
+        for provider, pstat in sorted(stat.providers.items()):
+            state.add_metric([provider], pstat.state_value)
+    yield requests
+    yield state
+
+
+def _audit_families(stat: Any) -> Iterator[Any]:
+    depth = events = dropped = 0
+    if stat is not None:
+        depth, events, dropped = stat.queue_depth, stat.events_total, stat.dropped_total
+    yield _gauge("pqmsg_audit_queue_depth", "Audit events waiting to be written.", depth)
+    yield CounterMetricFamily("pqmsg_audit_events", "Audit events written.", value=events)
+    yield CounterMetricFamily("pqmsg_audit_dropped", "Audit events dropped (queue full).", value=dropped)
+
+
+class Metrics:
+    """The server's instruments on a registry of its own (no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.http_requests = Counter(
+            "pqmsg_http_requests", "HTTP requests by route template and status.",
+            ["method", "route", "status"], registry=reg,
+        )
+        self.http_duration = Histogram(
+            "pqmsg_http_request_duration_seconds", "HTTP request latency by route template.",
+            ["method", "route"], buckets=LATENCY_BUCKETS_S, registry=reg,
+        )
+        self.auth_rejects = Counter(
+            "pqmsg_auth_rejects", "Authentication rejects by reason.", ["reason"], registry=reg
+        )
+        for reason in AUTH_REJECT_REASONS:
+            self.auth_rejects.labels(reason)
+        self.registrations = Counter("pqmsg_registrations", "Accounts registered.", registry=reg)
+        self.revocations = Counter("pqmsg_device_revocations", "Devices revoked.", registry=reg)
+        self.stored = Counter("pqmsg_messages_stored", "Message copies stored.", registry=reg)
+        self.delivered = Counter("pqmsg_messages_delivered", "Message copies delivered.", registry=reg)
+        self.acked = Counter("pqmsg_messages_acked", "Message copies acknowledged.", registry=reg)
+        self.ratchet_advances = Counter(
+            "pqmsg_pq_ratchet_advances", "Sender/recipient device pairs whose PQ epoch grew.", registry=reg
+        )
+        self.last_resort_served = Counter(
+            "pqmsg_pq_last_resort_served", "Bundles served with the last-resort PQ key.", registry=reg
+        )
+
+    def bind(self, view: Callable[[], ScrapeView]) -> None:
+        """Export the services' statistics, read through ``view`` at each scrape."""
+        self.registry.register(StatisticsCollector(view))

@@ -1,0 +1,172 @@
+"""The notifier: wakes long polls and streams when a device's queue grows.
+
+Waiting costs no database polling: a request that found its queue empty
+subscribes here and sleeps until :meth:`Notifier.publish` names its device.
+``publish`` is called after a send committed, so a woken waiter always finds
+the message. With a bus (PostgreSQL LISTEN/NOTIFY or Redis pub/sub), a
+publish also reaches the waiters of every other replica; the notifier's
+nursery owns the loop that forwards local publishes to the bus, through a
+bounded channel so a slow bus never delays a send.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Literal, Protocol
+
+import attrs
+import trio
+
+log = logging.getLogger("pqmsg.notify")
+
+FORWARD_QUEUE = 10_000
+DRAIN_S = 2.0
+WakeKind = Literal["message", "close"]
+
+
+class DeviceClosed(Exception):
+    """The device was revoked or deleted while waiting."""
+
+
+class Bus(Protocol):
+    """Carries wake-ups between replicas."""
+
+    async def publish(self, kind: WakeKind, account: str, device: int) -> None: ...
+
+
+@attrs.frozen
+class NotifierStatistics:
+    healthy: bool
+    detail: str | None
+    tasks: int
+    waiters: int
+    streams: int
+    published_total: int
+    forward_dropped_total: int
+
+
+class Subscription:
+    """One waiter's view of a device queue; re-armed at every wake-up."""
+
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+        self.closed = False
+        self._event = trio.Event()
+
+    def _fire(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Until a publish names this device; DeviceClosed if it went away."""
+        await self._event.wait()
+        # Re-arm before the caller fetches: a publish from now on wakes the
+        # next wait, so nothing falls between the fetch and the next wait.
+        self._event = trio.Event()
+        if self.closed:
+            raise DeviceClosed
+
+
+class Notifier:
+    def __init__(self, send_channel: trio.MemorySendChannel[tuple[WakeKind, str, int]] | None) -> None:
+        self._subs: defaultdict[tuple[str, int], set[Subscription]] = defaultdict(set)
+        self._forward = send_channel
+        self._published = 0
+        self._forward_dropped = 0
+        self._nursery: trio.Nursery | None = None
+        self._bus_healthy = True
+        self._bus_detail: str | None = None
+
+    @contextmanager
+    def subscribe(self, account: str, device: int, *, stream: bool = False) -> Iterator[Subscription]:
+        sub = Subscription(stream)
+        key = (account, device)
+        self._subs[key].add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subs.get(key)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[key]
+
+    def has_stream(self, account: str, device: int) -> bool:
+        return any(sub.stream for sub in self._subs.get((account, device), ()))
+
+    def publish(self, account: str, device: int) -> None:
+        self._published += 1
+        self.deliver("message", account, device)
+        self._send_to_bus("message", account, device)
+
+    def close_device(self, account: str, device: int) -> None:
+        self.deliver("close", account, device)
+        self._send_to_bus("close", account, device)
+
+    def deliver(self, kind: WakeKind, account: str, device: int) -> None:
+        """Wake this replica's waiters (the bus calls this for remote publishes)."""
+        for sub in self._subs.get((account, device), ()):
+            if kind == "close":
+                sub.closed = True
+            sub._fire()
+
+    def _send_to_bus(self, kind: WakeKind, account: str, device: int) -> None:
+        if self._forward is None:
+            return
+        try:
+            self._forward.send_nowait((kind, account, device))
+        except trio.WouldBlock:
+            self._forward_dropped += 1
+
+    def statistics(self) -> NotifierStatistics:
+        waiters = sum(len(s) for s in self._subs.values())
+        streams = sum(1 for subs in self._subs.values() for sub in subs if sub.stream)
+        return NotifierStatistics(
+            healthy=self._bus_healthy,
+            detail=self._bus_detail,
+            tasks=len(self._nursery.child_tasks) if self._nursery else 0,
+            waiters=waiters,
+            streams=streams,
+            published_total=self._published,
+            forward_dropped_total=self._forward_dropped,
+        )
+
+    async def _forward_loop(
+        self,
+        bus: Bus,
+        receive: trio.MemoryReceiveChannel[tuple[WakeKind, str, int]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        async with receive:
+            async for kind, account, device in receive:
+                try:
+                    await bus.publish(kind, account, device)
+                except Exception as exc:  # a failed forward must not end delivery here
+                    self._bus_healthy, self._bus_detail = False, f"bus publish failed: {exc}"
+                    log.warning("wake-up bus publish failed: %s", exc)
+                else:
+                    self._bus_healthy, self._bus_detail = True, None
+
+
+@asynccontextmanager
+async def open_notifier(*, bus: Bus | None = None) -> AsyncIterator[Notifier]:
+    """The notifier service; with ``bus``, wake-ups also cross replicas."""
+    if bus is None:
+        yield Notifier(None)
+        return
+    send, receive = trio.open_memory_channel[tuple[WakeKind, str, int]](FORWARD_QUEUE)
+    notifier = Notifier(send)
+    async with trio.open_nursery() as nursery:
+        notifier._nursery = nursery
+        await nursery.start(notifier._forward_loop, bus, receive)
+        try:
+            yield notifier
+        finally:
+            # Closing the channel ends the forward loop once it has sent what
+            # is queued; the deadline bounds that drain.
+            await send.aclose()
+            nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S

@@ -1,0 +1,117 @@
+"""Request authentication (PROTOCOL.md §3): parse, then check in contract order.
+
+The order is part of the contract: ``malformed``, ``skew``,
+``unknown_device``, ``revoked``, ``signature``, ``replay``. The nonce is
+recorded only after the signature verified, so a forged request cannot burn
+another device's nonce.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+
+import attrs
+
+from pqmsg.clock import WallClock
+from pqmsg.errors import AuthError
+from pqmsg.protocol import crypto
+from pqmsg.protocol.b64 import Base64Error, b64decode
+from pqmsg.protocol.canonical import SignedRequest, canonical_string
+from pqmsg.storage.base import DeviceAuth
+
+ACCOUNT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+DEVICE_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}$")
+NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+MAX_DEVICE_ID = 2**31 - 1
+
+HEADER_ACCOUNT = "pqmsg-account"
+HEADER_DEVICE = "pqmsg-device"
+HEADER_TIMESTAMP = "pqmsg-timestamp"
+HEADER_NONCE = "pqmsg-nonce"
+HEADER_SIGNATURE = "pqmsg-signature"
+AUTH_HEADERS = (HEADER_ACCOUNT, HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+
+DeviceLookup = Callable[[str, int], Awaitable[DeviceAuth | None]]
+NonceRecorder = Callable[[str, int, str], Awaitable[bool]]
+
+
+@attrs.frozen
+class Principal:
+    """The device an authenticated request comes from."""
+
+    account: str
+    device: int
+    last_seen_at: float | None
+
+
+@attrs.frozen
+class ParsedAuth:
+    request: SignedRequest
+    signature: bytes
+
+
+def parse_device_id(text: str) -> int:
+    """A device id in decimal; ValueError unless 1..2**31-1 without leading zeros."""
+    if not DEVICE_RE.match(text) or int(text) > MAX_DEVICE_ID:
+        raise ValueError(f"not a device id: {text[:20]!r}")
+    return int(text)
+
+
+def parse_auth(
+    method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
+) -> ParsedAuth:
+    """Parse the five headers; :class:`AuthError` ``malformed`` if any is off."""
+    values = {name: headers.get(name) for name in AUTH_HEADERS}
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise AuthError(f"missing header {_title(missing[0])}", reason="malformed")
+    account, device, timestamp, nonce, signature = (str(values[n]) for n in AUTH_HEADERS)
+    if not ACCOUNT_RE.match(account):
+        raise AuthError("Pqmsg-Account must be a lowercase hyphenated UUID", reason="malformed")
+    try:
+        device_id = parse_device_id(device)
+    except ValueError:
+        raise AuthError("Pqmsg-Device must be a positive decimal integer", reason="malformed") from None
+    if not TIMESTAMP_RE.match(timestamp):
+        raise AuthError("Pqmsg-Timestamp must be Unix seconds in decimal", reason="malformed")
+    if not NONCE_RE.match(nonce):
+        raise AuthError("Pqmsg-Nonce must be 16 to 64 base64url characters", reason="malformed")
+    try:
+        sig = b64decode(signature, length=crypto.SIGNATURE_BYTES)
+    except Base64Error as exc:
+        raise AuthError(f"Pqmsg-Signature {exc}", reason="malformed") from None
+    signed = SignedRequest(method, path, query, account, device_id, int(timestamp), nonce, body)
+    return ParsedAuth(request=signed, signature=sig)
+
+
+def _title(header: str) -> str:
+    return "-".join(part.capitalize() for part in header.split("-"))
+
+
+@attrs.frozen
+class Authenticator:
+    """Checks a parsed request against the device registry and the replay cache."""
+
+    lookup_device: DeviceLookup
+    record_nonce: NonceRecorder
+    clock: WallClock
+    skew_window_s: int
+
+    async def authenticate(self, parsed: ParsedAuth) -> Principal:
+        req = parsed.request
+        if abs(self.clock() - req.timestamp) > self.skew_window_s:
+            raise AuthError("Pqmsg-Timestamp is outside the accepted clock skew", reason="skew")
+        found = await self.lookup_device(req.account, req.device)
+        if found is None:
+            raise AuthError("no such account or device", reason="unknown_device")
+        if found.revoked:
+            raise AuthError("this device was revoked", reason="revoked")
+        try:
+            crypto.verify(found.device_key, canonical_string(req), parsed.signature)
+        except crypto.InvalidSignature:
+            raise AuthError("signature does not verify", reason="signature") from None
+        if not await self.record_nonce(req.account, req.device, req.nonce):
+            raise AuthError("this nonce was already used", reason="replay")
+        return Principal(req.account, req.device, found.last_seen_at)

@@ -1,0 +1,131 @@
+"""What every handler shares: authentication, body parsing, responses."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+from quart import Response, request
+
+from pqmsg.audit_events import AUTH_REJECTED, AUTH_REPLAY, RATE_LIMIT_REJECTED
+from pqmsg.errors import AuthError, BadRequest, RateLimited
+from pqmsg.http.edge import REQUEST_ID_KEY
+from pqmsg.protocol import crypto
+from pqmsg.protocol.auth import Authenticator, Principal, parse_auth
+from pqmsg.protocol.validate import Obj, parse_json_object
+from pqmsg.services import Services
+
+# Verify at most this many signatures between checkpoints, so one request
+# never holds the event loop for more than a couple of milliseconds.
+VERIFY_BATCH = 8
+
+
+def request_id() -> str:
+    return str(request.scope.get(REQUEST_ID_KEY, "-"))
+
+
+def client_ip() -> str:
+    client = request.scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def rate_key_ip() -> str:
+    """The client address as a rate-limit key; IPv6 by /64, as one host gets one."""
+    ip = client_ip()
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status, content_type="application/json")
+
+
+def no_content() -> Response:
+    return Response("", status=204)
+
+
+async def read_body() -> bytes:
+    return await request.get_data(cache=True, as_text=False, parse_form_data=False)
+
+
+async def json_body(body: bytes | None = None) -> Obj:
+    if body is None:
+        body = await read_body()
+    return parse_json_object(body, request.headers.get("content-type"))
+
+
+async def authenticate(svc: Services) -> tuple[Principal, bytes]:
+    """Authenticate the current request (§3); returns the device and the raw body.
+
+    Every reject is counted by reason and audited before it propagates.
+    """
+    body = await read_body()
+    raw_path = request.scope.get("raw_path") or request.path.encode()
+    try:
+        path = raw_path.decode("ascii")
+        query = request.scope.get("query_string", b"").decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("the request target must be ASCII", reason="bad_path") from None
+    db = svc.storage.db
+    authenticator = Authenticator(
+        lookup_device=db.get_device_auth,
+        record_nonce=svc.replay.record,
+        clock=svc.clock,
+        skew_window_s=svc.settings.auth.skew_window_s,
+    )
+    try:
+        parsed = parse_auth(request.method, path, query, request.headers, body)
+        principal = await authenticator.authenticate(parsed)
+    except AuthError as exc:
+        svc.metrics.auth_rejects.labels(exc.reason).inc()
+        account = request.headers.get("pqmsg-account") if exc.reason != "malformed" else None
+        await svc.audit.record(
+            AUTH_REPLAY if exc.reason == "replay" else AUTH_REJECTED,
+            outcome="rejected",
+            request_id=request_id(),
+            account=account,
+            ip=client_ip(),
+            detail={"reason": exc.reason},
+        )
+        raise
+    now = svc.clock()
+    last = principal.last_seen_at
+    if last is None or now - last >= svc.settings.auth.last_seen_resolution_s:
+        await db.touch_device(principal.account, principal.device, now=now)
+    return principal, body
+
+
+async def verify_all(items: list[tuple[bytes, bytes, bytes]]) -> None:
+    """Verify ``(public_key, message, signature)`` triples, yielding between batches."""
+    for index, (public_key, message, signature) in enumerate(items):
+        if index and index % VERIFY_BATCH == 0:
+            await trio.lowlevel.checkpoint()
+        crypto.verify(public_key, message, signature)
+
+
+async def limit(svc: Services, limiter: str, key: str, *, account: str | None = None) -> None:
+    """Apply a rate limiter; a reject is audited, then answered 429."""
+    try:
+        await svc.limiter.check(limiter, key)
+    except RateLimited:
+        await svc.audit.record(
+            RATE_LIMIT_REJECTED,
+            outcome="rejected",
+            request_id=request_id(),
+            account=account,
+            ip=client_ip(),
+            detail={"limiter": limiter},
+        )
+        raise
+
+
+def query_params() -> Mapping[str, str]:
+    return request.args
