@@ -69,6 +69,9 @@ class Notifier(HasStatistics, Protocol):
     def close_device(self, account: str, device: int) -> None:
         """End that device's waits and streams (revocation, deletion)."""
 
+    def shutdown(self) -> None:
+        """End every wait here: the server is draining."""
+
 
 @attrs.frozen
 class Services:

@@ -105,6 +105,13 @@ class Notifier:
         self.deliver("close", account, device)
         self._send_to_bus("close", account, device)
 
+    def shutdown(self) -> None:
+        """End every wait on this replica (the server is draining)."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.closed = True
+                sub._fire()
+
     def deliver(self, kind: WakeKind, account: str, device: int) -> None:
         """Wake this replica's waiters (the bus calls this for remote publishes)."""
         for sub in self._subs.get((account, device), ()):

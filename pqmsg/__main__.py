@@ -1,0 +1,7 @@
+"""``python -m pqmsg`` is the ``pqmsg`` command."""
+
+import sys
+
+from pqmsg.cli import main
+
+sys.exit(main())

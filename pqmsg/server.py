@@ -1,0 +1,165 @@
+"""The composition root: open every service, then serve; drain in reverse.
+
+::
+
+    serve(settings)
+    └── trio-asyncio loop            (only with PostgreSQL or Redis)
+        └── redis client             (only with PQMSG_REDIS_URL)
+            └── storage              database pool / SQLite thread, cleanup loops
+                └── audit writer     bounded queue -> append-only JSONL
+                    └── rate limiter + replay cache
+                        └── notifier (wake-ups, cross-replica bus)
+                            └── push dispatcher (breakers, bounded queue)
+                                └── Hypercorn (HTTP/1.1, h2c, h2 over TLS)
+
+Services are opened as async context managers before Hypercorn starts and
+closed after its graceful drain, so every request that was admitted finishes
+with its services alive (hypercorn's own ``worker_serve`` order). A crash in
+any service's nursery cancels everything above it: the server stops with one
+log line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+
+from pqmsg import hypercorn_patch
+from pqmsg.app import create_app
+from pqmsg.clock import WallClock, system_clock
+from pqmsg.http.inflight import InFlight
+from pqmsg.metrics import Metrics, ScrapeView
+from pqmsg.nurseries.audit import open_audit_writer
+from pqmsg.nurseries.limiter import open_rate_limiter
+from pqmsg.nurseries.notify import open_notifier
+from pqmsg.nurseries.push import open_push_dispatcher
+from pqmsg.nurseries.replay import open_replay_cache
+from pqmsg.nurseries.storage import open_storage
+from pqmsg.services import Services
+from pqmsg.settings import Settings
+
+log = logging.getLogger("pqmsg.server")
+
+ReadyCallback = Callable[[list[str]], Awaitable[None] | None]
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    http = settings.http
+    config = Config()
+    config.bind = list(http.binds)
+    config.graceful_timeout = http.grace_period_s
+    config.keep_alive_timeout = http.keep_alive_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.h2_max_concurrent_streams = 128
+    config.websocket_ping_interval = None
+    if http.certfile is not None and http.keyfile is not None:
+        config.certfile = str(http.certfile)
+        config.keyfile = str(http.keyfile)
+        config.alpn_protocols = ["h2", "http/1.1"]
+    return config
+
+
+@asynccontextmanager
+async def open_services(settings: Settings, *, clock: WallClock = system_clock) -> AsyncIterator[Services]:
+    """Open every supervised service, in dependency order."""
+    async with AsyncExitStack() as stack:
+        redis = None
+        if settings.uses_postgres or settings.limits.redis_url:
+            import trio_asyncio
+
+            await stack.enter_async_context(trio_asyncio.open_loop())
+        if settings.limits.redis_url:
+            from pqmsg.redisconn import open_redis
+
+            redis = await stack.enter_async_context(
+                open_redis(settings.limits.redis_url, timeout_s=settings.limits.redis_timeout_s)
+            )
+        storage = await stack.enter_async_context(open_storage(settings, clock=clock))
+        audit = await stack.enter_async_context(
+            open_audit_writer(settings.audit, settings.audit_dir, clock=clock)
+        )
+        limiter = await stack.enter_async_context(open_rate_limiter(settings.limits, redis=redis))
+        replay = await stack.enter_async_context(open_replay_cache(settings, redis=redis))
+        notifier = await stack.enter_async_context(open_notifier())
+        push = await stack.enter_async_context(
+            open_push_dispatcher(
+                settings.push, storage=storage.db, has_stream=notifier.has_stream, clock=clock
+            )
+        )
+        in_flight = InFlight(settings.http.max_in_flight, parked_limit=settings.http.max_long_polls)
+        metrics = Metrics()
+        services = Services(
+            settings=settings,
+            clock=clock,
+            storage=storage,
+            limiter=limiter,
+            replay=replay,
+            audit=audit,
+            push=push,
+            notifier=notifier,
+            in_flight=in_flight,
+            metrics=metrics,
+        )
+        metrics.bind(lambda: scrape_view(services))
+        yield services
+
+
+def scrape_view(services: Services) -> ScrapeView:
+    stats = services.in_flight.statistics()
+    return ScrapeView(
+        services=services.component_statistics(),
+        in_flight=stats.in_flight,
+        in_flight_limit=stats.limit,
+        long_polls=stats.parked,
+    )
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until SIGTERM/SIGINT (or ``shutdown_trigger``) and drain."""
+    from hypercorn.trio import serve as hypercorn_serve
+
+    hypercorn_patch.apply()
+    async with open_services(settings) as services:
+        app = create_app(services)
+        stop = trio.Event()
+
+        async def hypercorn_shutdown() -> None:
+            await stop.wait()
+            # Long polls would hold the drain for up to their wait: end them now.
+            services.notifier.shutdown()
+
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(_watch_signals, stop)
+            if shutdown_trigger is not None:
+                watchers.start_soon(_trigger_when, shutdown_trigger, stop)
+            await hypercorn_serve(
+                app, hypercorn_config(settings), shutdown_trigger=hypercorn_shutdown, task_status=task_status
+            )
+            watchers.cancel_scope.cancel()
+        log.info("HTTP drained; closing services")
+    log.info("pqmsg-server stopped")
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _trigger_when(trigger: Callable[[], Awaitable[Any]], stop: trio.Event) -> None:
+    await trigger()
+    stop.set()
