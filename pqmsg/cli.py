@@ -125,7 +125,7 @@ def run_server(settings: Settings) -> int:
         trio.run(serve, settings)
     except KeyboardInterrupt:
         return 0
-    except BaseException as exc:  # noqa: BLE001 - the process boundary: one line, non-zero exit
+    except BaseException as exc:
         log.critical("pqmsg-server stopped: %s", describe_crash(exc), exc_info=exc)
         return EXIT_CRASH
     return 0
