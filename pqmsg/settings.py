@@ -49,10 +49,23 @@ class StorageSettings:
     cleanup_interval_s: float = 60.0
 
 
+#: The replay window's margin over twice the skew window (see AuthSettings).
+REPLAY_MARGIN_S = 60
+
+
 @attrs.frozen
 class AuthSettings:
+    """Request authentication windows.
+
+    A timestamp is accepted for ``2 * skew_window_s`` of server time, so a
+    nonce must be remembered at least that long; PROTOCOL.md asks for
+    strictly longer. Its stated default (600 s against a 300 s skew) is not
+    strictly longer, so the default here is ``2 * skew + 60`` = 660 s, and a
+    configured skew without a configured replay window moves it along.
+    """
+
     skew_window_s: int = 300
-    replay_window_s: int = 600
+    replay_window_s: int = 2 * 300 + REPLAY_MARGIN_S
     provisioning_token_ttl_s: int = 600
     last_seen_resolution_s: int = 60
 
@@ -190,6 +203,9 @@ class Settings:
             except (ValueError, binascii.Error) as exc:
                 raise SettingsError(f"{name}: {exc}") from exc
             settings = _replace(settings, path, value)
+        if environ.get("PQMSG_AUTH_SKEW_S") and not environ.get("PQMSG_REPLAY_WINDOW_S"):
+            skew = settings.auth.skew_window_s
+            settings = _replace(settings, "auth.replay_window_s", 2 * skew + REPLAY_MARGIN_S)
         return settings
 
     def replace(self, path: str, value: Any) -> Settings:
