@@ -98,7 +98,7 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str]) -> Settings
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = settings_from(args, dict(os.environ))
+        settings = settings_from(args, dict(os.environ)).validate()
     except (SettingsError, ValueError) as exc:
         print(f"pqmsg: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

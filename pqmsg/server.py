@@ -130,6 +130,7 @@ async def serve(
     """Run the server until SIGTERM/SIGINT (or ``shutdown_trigger``) and drain."""
     from hypercorn.trio import serve as hypercorn_serve
 
+    settings.validate()
     hypercorn_patch.apply()
     async with open_services(settings) as services:
         app = create_app(services)

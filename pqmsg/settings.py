@@ -162,7 +162,12 @@ class Settings:
     push: PushSettings = PushSettings()
     audit: AuditSettings = AuditSettings()
 
-    def __attrs_post_init__(self) -> None:
+    def validate(self) -> Settings:
+        """Check what single fields cannot: raise SettingsError, else return self.
+
+        Called once the whole configuration is assembled (by the entry point
+        and by :func:`pqmsg.server.serve`), so it can be built field by field.
+        """
         if self.auth.replay_window_s <= 2 * self.auth.skew_window_s:
             raise SettingsError(
                 "PQMSG_REPLAY_WINDOW_S must be longer than twice PQMSG_AUTH_SKEW_S "
@@ -172,6 +177,7 @@ class Settings:
             raise SettingsError("PQMSG_MAX_IN_FLIGHT must be at least 1")
         if (self.http.certfile is None) != (self.http.keyfile is None):
             raise SettingsError("--certfile and --keyfile go together")
+        return self
 
     @property
     def sqlite_path(self) -> Path:
