@@ -1,0 +1,230 @@
+"""The PostgreSQL storage backend: :class:`pqmsg.storage.base.Backend` on asyncpg.
+
+:func:`open_postgres_storage` opens a connection pool (through
+:mod:`pqmsg.storage.pgbridge`, so it must run inside a trio-asyncio loop),
+applies pending migrations under an advisory lock, and yields a
+:class:`PostgresStorage`. The queries live in ``postgres_accounts``,
+``postgres_keys`` and ``postgres_messages``; this class borrows a connection
+per call and bounds the whole call by ``query_timeout_s``.
+
+Errors: a call that cannot reach the database, or does not finish within
+``query_timeout_s``, raises :class:`pqmsg.errors.StorageUnavailable` (the
+pool reconnects by itself on the next call). Domain errors are those named
+in the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from pqmsg.errors import StorageUnavailable
+from pqmsg.settings import StorageSettings
+from pqmsg.storage import postgres_accounts as accounts
+from pqmsg.storage import postgres_keys as keys
+from pqmsg.storage import postgres_messages as messages
+from pqmsg.storage.base import (
+    Bundle,
+    DeviceAuth,
+    DeviceInfo,
+    KeyCounts,
+    KeyStatus,
+    KeyUpload,
+    NewDevice,
+    OutgoingCopy,
+    PoolStatistics,
+    ProvisioningGrant,
+    PushTarget,
+    QueuedMessage,
+    Sender,
+    StoreResult,
+)
+from pqmsg.storage.pgbridge import PgConnection, PgPool, open_pg_pool
+from pqmsg.storage.postgres_migrate import apply_migrations, migrate_postgres
+
+__all__ = ["PostgresStorage", "migrate_postgres", "open_postgres_storage"]
+
+
+class PostgresStorage:
+    """The relay's state in PostgreSQL; see :class:`pqmsg.storage.base.Storage`."""
+
+    name = "postgres"
+
+    def __init__(self, pool: PgPool, *, query_timeout_s: float) -> None:
+        self._pool = pool
+        self._query_timeout_s = query_timeout_s
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[PgConnection]:
+        """A connection for one call, the whole call bounded by the query timeout."""
+        try:
+            with trio.fail_after(self._query_timeout_s):
+                async with self._pool.acquire() as con:
+                    yield con
+        except trio.TooSlowError as exc:
+            raise StorageUnavailable("the database did not answer in time") from exc
+
+    def pool_statistics(self) -> PoolStatistics:
+        stats = self._pool.statistics()
+        return PoolStatistics(
+            idle=stats.idle, in_use=stats.in_use, max_size=stats.max_size, waiting=stats.waiting
+        )
+
+    async def ping(self) -> None:
+        async with self._connection() as con:
+            await con.fetchval("SELECT 1")
+
+    # -- accounts and devices -------------------------------------------------
+
+    async def create_account(
+        self, account: str, identity_key: bytes, device: NewDevice, *, now: float
+    ) -> None:
+        async with self._connection() as con:
+            await accounts.create_account(con, account, identity_key, device, now=now)
+
+    async def delete_account(self, account: str) -> tuple[int, ...]:
+        async with self._connection() as con:
+            return await accounts.delete_account(con, account)
+
+    async def get_identity_key(self, account: str) -> bytes | None:
+        async with self._connection() as con:
+            return await accounts.get_identity_key(con, account)
+
+    async def get_device_auth(self, account: str, device: int) -> DeviceAuth | None:
+        async with self._connection() as con:
+            return await accounts.get_device_auth(con, account, device)
+
+    async def touch_device(self, account: str, device: int, *, now: float) -> None:
+        async with self._connection() as con:
+            await accounts.touch_device(con, account, device, now=now)
+
+    async def list_devices(self, account: str) -> tuple[DeviceInfo, ...]:
+        async with self._connection() as con:
+            return await accounts.list_devices(con, account)
+
+    async def active_device_ids(self, account: str) -> tuple[int, ...]:
+        async with self._connection() as con:
+            return await accounts.active_device_ids(con, account)
+
+    async def revoke_device(self, account: str, device: int, *, now: float) -> bool:
+        async with self._connection() as con:
+            return await accounts.revoke_device(con, account, device, now=now)
+
+    async def create_provisioning_token(
+        self, account: str, token_hash: bytes, *, expires_at: float
+    ) -> None:
+        async with self._connection() as con:
+            await accounts.create_provisioning_token(
+                con, account, token_hash, expires_at=expires_at
+            )
+
+    async def get_provisioning_grant(
+        self, token_hash: bytes, *, now: float
+    ) -> ProvisioningGrant | None:
+        async with self._connection() as con:
+            return await accounts.get_provisioning_grant(con, token_hash, now=now)
+
+    async def link_device(self, token_hash: bytes, device: NewDevice, *, now: float) -> int:
+        async with self._connection() as con:
+            return await accounts.link_device(con, token_hash, device, now=now)
+
+    # -- keys -----------------------------------------------------------------
+
+    async def put_keys(
+        self, account: str, device: int, upload: KeyUpload, *, max_per_kind: int, now: float
+    ) -> KeyCounts:
+        async with self._connection() as con:
+            return await keys.put_keys(
+                con, account, device, upload, max_per_kind=max_per_kind, now=now
+            )
+
+    async def key_status(self, account: str, device: int) -> KeyStatus:
+        async with self._connection() as con:
+            return await keys.key_status(con, account, device)
+
+    async def take_bundle(self, account: str, device: int | None) -> Bundle | None:
+        async with self._connection() as con:
+            return await keys.take_bundle(con, account, device)
+
+    async def count_stale_signed_prekeys(self, *, older_than: float) -> int:
+        async with self._connection() as con:
+            return await keys.count_stale_signed_prekeys(con, older_than=older_than)
+
+    # -- messages -------------------------------------------------------------
+
+    async def store_messages(
+        self,
+        sender: Sender,
+        message_id: str,
+        recipient: str,
+        copies: Sequence[OutgoingCopy],
+        *,
+        now: float,
+        idempotency_window_s: float,
+    ) -> StoreResult:
+        async with self._connection() as con:
+            return await messages.store_messages(
+                con,
+                sender,
+                message_id,
+                recipient,
+                copies,
+                now=now,
+                idempotency_window_s=idempotency_window_s,
+            )
+
+    async def fetch_messages(
+        self, account: str, device: int, *, limit: int
+    ) -> tuple[tuple[QueuedMessage, ...], bool]:
+        async with self._connection() as con:
+            return await messages.fetch_messages(con, account, device, limit=limit)
+
+    async def ack_messages(self, account: str, device: int, ids: Sequence[str]) -> int:
+        async with self._connection() as con:
+            return await messages.ack_messages(con, account, device, ids)
+
+    async def purge_idempotency(self, *, older_than: float) -> int:
+        async with self._connection() as con:
+            return await messages.purge_idempotency(con, older_than=older_than)
+
+    # -- push -----------------------------------------------------------------
+
+    async def set_push_target(self, account: str, device: int, target: PushTarget) -> None:
+        async with self._connection() as con:
+            await accounts.set_push_target(con, account, device, target)
+
+    async def delete_push_target(self, account: str, device: int) -> bool:
+        async with self._connection() as con:
+            return await accounts.delete_push_target(con, account, device)
+
+    async def get_push_target(self, account: str, device: int) -> PushTarget | None:
+        async with self._connection() as con:
+            return await accounts.get_push_target(con, account, device)
+
+    async def drop_push_token(self, target: PushTarget) -> int:
+        async with self._connection() as con:
+            return await accounts.drop_push_token(con, target)
+
+
+@asynccontextmanager
+async def open_postgres_storage(settings: StorageSettings) -> AsyncIterator[PostgresStorage]:
+    """Open the pool, migrate, and yield the storage; the pool closes on exit.
+
+    Must run inside a trio-asyncio loop. Raises
+    :class:`pqmsg.errors.StorageUnavailable` when the database cannot be
+    reached at start-up.
+    """
+    if settings.database_url is None:
+        raise ValueError("open_postgres_storage needs a postgresql:// database URL")
+    async with open_pg_pool(
+        settings.database_url,
+        min_size=min(settings.pool_min_size, settings.pool_max_size),
+        max_size=settings.pool_max_size,
+        acquire_timeout_s=settings.query_timeout_s,
+    ) as pool:
+        # Not bounded by the query timeout: a migration may rightly take long,
+        # and replicas starting together wait here for the first to finish.
+        await apply_migrations(pool)
+        yield PostgresStorage(pool, query_timeout_s=settings.query_timeout_s)
