@@ -89,7 +89,7 @@ def test_shell_drill_fails_and_names_the_missing_receiver(
 ) -> None:
     env = _drill_env(alertmanager, mailsink, ALERT_EMAIL_HIGH_TO="nobody@oncall.pqmsg.test")
 
-    result, evidence = _run_drill(["bash", str(DRILL_SH)], env, tmp_path / "evidence.json", 4)
+    result, evidence = _run_drill(["bash", str(DRILL_SH)], env, tmp_path / "evidence.json", 6)
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert evidence["result"] == "fail"
