@@ -47,9 +47,12 @@ T = TypeVar("T")
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable; TimeoutError of connect too
     asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError, ...
-    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing" (not subclasses)
     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    # The server aborted the transaction to break a deadlock or a
+    # serialization conflict: nothing was changed and a retry may succeed.
+    asyncpg.exceptions.TransactionRollbackError,
 )
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -84,6 +87,11 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except UNAVAILABLE_ERRORS as exc:
+        # InterfaceError itself means a closed connection or pool; its
+        # subclasses (bad client configuration or arguments, unsupported
+        # features) are mistakes to surface, not outages.
+        if isinstance(exc, asyncpg.InterfaceError) and type(exc) is not asyncpg.InterfaceError:
+            raise
         logger.warning("database unavailable: %s", type(exc).__name__)
         raise StorageUnavailable() from exc
 

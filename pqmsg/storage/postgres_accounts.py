@@ -47,6 +47,9 @@ async def create_account(
 
 async def delete_account(con: PgConnection, account: str) -> tuple[int, ...]:
     async with con.transaction():
+        # The account row first, as every membership change takes it: taking
+        # the sender-side rows below first could deadlock with a revocation.
+        await con.execute("SELECT 1 FROM accounts WHERE account = $1 FOR UPDATE", account)
         rows = await con.fetch(
             "SELECT device FROM devices WHERE account = $1 ORDER BY device", account
         )
@@ -183,24 +186,31 @@ async def link_device(
     con: PgConnection, token_hash: bytes, device: NewDevice, *, now: float
 ) -> int:
     async with con.transaction():
-        # The UPDATE both checks and consumes: of two concurrent links with
-        # one token, the second waits for the first's row lock, then sees
-        # used = true and matches nothing.
+        # Locks in the order revocation takes them, account row first, then
+        # the token: the opposite order deadlocks against revoke_device.
         account = await con.fetchval(
+            "SELECT account FROM provisioning_tokens WHERE token_hash = $1", token_hash
+        )
+        new_id: int | None = None
+        if account is not None:
+            new_id = await con.fetchval(
+                "UPDATE accounts SET next_device = next_device + 1"
+                " WHERE account = $1 RETURNING next_device - 1",
+                account,
+            )
+        # Checks and consumes at once: of two concurrent links with one
+        # token, the second waits for the first, then finds it used. A
+        # refusal rolls back, so it burns no device id.
+        consumed = await con.fetchval(
             "UPDATE provisioning_tokens SET used = true"
-            " WHERE token_hash = $1 AND NOT used AND expires_at > $2 RETURNING account",
+            " WHERE token_hash = $1 AND NOT used AND expires_at > $2 RETURNING true",
             token_hash,
             now,
         )
-        if account is None:
+        if new_id is None or not consumed:
             raise Forbidden(
                 "the provisioning token is unknown, used or expired", reason="provisioning_token"
             )
-        new_id: int = await con.fetchval(
-            "UPDATE accounts SET next_device = next_device + 1"
-            " WHERE account = $1 RETURNING next_device - 1",
-            account,
-        )
         await con.execute(
             _INSERT_DEVICE, account, new_id, device.device_key, device.certificate, device.name, now
         )

@@ -208,6 +208,35 @@ async def test_transaction_rolls_back_on_error(pool: PgPool) -> None:
                 await con.fetchval("SELECT $1::uuid", "not-a-uuid")
 
 
+async def test_deadlock_the_server_breaks_is_unavailable(pool: PgPool) -> None:
+    """A transaction aborted to break a deadlock changed nothing: retry later (503)."""
+    with trio.fail_after(DEADLINE_S):
+        async with pool.acquire() as con:
+            await con.execute("CREATE TABLE IF NOT EXISTS pair (n int PRIMARY KEY)")
+            await con.execute("INSERT INTO pair VALUES (1), (2) ON CONFLICT DO NOTHING")
+        both_locked = trio.Event()
+        first: list[int] = []
+        failures: list[StorageUnavailable] = []
+
+        async def lock(mine: int, theirs: int) -> None:
+            try:
+                async with pool.acquire() as con, con.transaction():
+                    await con.execute("SELECT 1 FROM pair WHERE n = $1 FOR UPDATE", mine)
+                    first.append(mine)
+                    if len(first) == 2:
+                        both_locked.set()
+                    await both_locked.wait()
+                    await con.execute("SELECT 1 FROM pair WHERE n = $1 FOR UPDATE", theirs)
+            except StorageUnavailable as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lock, 1, 2)
+            nursery.start_soon(lock, 2, 1)
+        assert len(failures) == 1
+        assert isinstance(failures[0].__cause__, asyncpg.DeadlockDetectedError)
+
+
 async def test_killed_connection_is_unavailable_then_replaced(
     pool: PgPool, pg_url: str, app_name: str
 ) -> None:

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from pqmsg.errors import DeviceMismatch, StorageUnavailable
+from pqmsg.errors import DeviceMismatch, Forbidden, StorageUnavailable
 from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import Bundle, KeyUpload, Sender
 from pqmsg.storage.migrate import load_migrations
@@ -29,6 +29,7 @@ from tests.storage.contract import (
     MAX_KEYS,
     StorageContract,
     copies,
+    device_of,
     ec_keys,
     make_account,
     new_id,
@@ -355,3 +356,70 @@ async def test_queue_costs_the_same_with_a_million_messages(
         for name, limit in budget.items():
             assert small[name][1] <= limit and large[name][1] <= limit, (name, small, large)
             assert not large[name][0] & {"Seq Scan", "Sort"}, (name, large)
+
+
+async def _link_while_revoking(storage: PostgresStorage, now: float) -> list[str]:
+    account = await make_account(storage, now, devices=2)
+    token = new_id().encode()
+    await storage.create_provisioning_token(account, token, expires_at=now + 600)
+    outcomes: list[str] = []
+
+    async def link() -> None:
+        try:
+            device = await storage.link_device(token, device_of("new"), now=now)
+            outcomes.append(f"linked {device}")
+        except Forbidden:
+            outcomes.append("refused")
+
+    async def revoke() -> None:
+        assert await storage.revoke_device(account, 2, now=now)
+        outcomes.append("revoked")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link)
+        nursery.start_soon(revoke)
+    return sorted(outcomes)
+
+
+async def test_linking_and_revoking_together_do_not_deadlock(
+    storage: PostgresStorage, now: float
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        for _ in range(15):
+            # Linked first (device 3), or refused because revoking dropped
+            # the account's tokens; never a deadlock the server had to break.
+            assert await _link_while_revoking(storage, now) in (
+                ["linked 3", "revoked"],
+                ["refused", "revoked"],
+            )
+
+
+async def _delete_while_revoking(storage: PostgresStorage, now: float) -> list[object]:
+    alice = await make_account(storage, now)
+    bob = await make_account(storage, now, devices=2)
+    # Ratchet state keyed by bob's device 2 as a sender: both calls delete it.
+    await send(storage, Sender(bob, 2), alice, copies(1, epoch=1), now)
+    results: list[object] = []
+
+    async def delete() -> None:
+        results.append(await storage.delete_account(bob))
+
+    async def revoke() -> None:
+        results.append(await storage.revoke_device(bob, 2, now=now))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(delete)
+        nursery.start_soon(revoke)
+    assert await storage.get_identity_key(bob) is None
+    return results
+
+
+async def test_deleting_and_revoking_together_do_not_deadlock(
+    storage: PostgresStorage, now: float
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        for _ in range(15):
+            results = await _delete_while_revoking(storage, now)
+            # Revoked first (then deleted with both devices), or deleted
+            # first (then nothing left to revoke).
+            assert results in ([True, (1, 2)], [(1, 2), False]), results
