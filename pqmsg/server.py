@@ -83,7 +83,9 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
             )
         storage = await stack.enter_async_context(open_storage(settings, clock=clock))
         audit = await stack.enter_async_context(
-            open_audit_writer(settings.audit, settings.audit_dir, clock=clock)
+            open_audit_writer(
+                settings.audit, settings.audit_dir, clock=clock, grace_period_s=settings.http.grace_period_s
+            )
         )
         limiter = await stack.enter_async_context(open_rate_limiter(settings.limits, redis=redis))
         replay = await stack.enter_async_context(open_replay_cache(settings, redis=redis))

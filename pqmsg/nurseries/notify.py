@@ -78,10 +78,15 @@ class Notifier:
         self._nursery: trio.Nursery | None = None
         self._bus_healthy = True
         self._bus_detail: str | None = None
+        self._draining = False
 
     @contextmanager
     def subscribe(self, account: str, device: int, *, stream: bool = False) -> Iterator[Subscription]:
         sub = Subscription(stream)
+        if self._draining:
+            # A request admitted just before the drain must not wait either.
+            sub.closed = True
+            sub._fire()
         key = (account, device)
         self._subs[key].add(sub)
         try:
@@ -107,6 +112,7 @@ class Notifier:
 
     def shutdown(self) -> None:
         """End every wait on this replica (the server is draining)."""
+        self._draining = True
         for subs in self._subs.values():
             for sub in subs:
                 sub.closed = True

@@ -6,7 +6,7 @@ import uuid
 
 from quart import Blueprint, Response
 
-from pqmsg.audit_events import ACCOUNT_DELETED, ACCOUNT_REGISTERED
+from pqmsg.audit.events import ACCOUNT_DELETED, ACCOUNT_REGISTERED
 from pqmsg.errors import BadRequest, Forbidden
 from pqmsg.protocol import crypto
 from pqmsg.protocol.signing import device_certificate_message, registration_proof_message

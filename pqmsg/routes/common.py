@@ -10,7 +10,7 @@ from typing import Any
 import trio
 from quart import Response, request
 
-from pqmsg.audit_events import AUTH_REJECTED, AUTH_REPLAY, RATE_LIMIT_REJECTED
+from pqmsg.audit.events import AUTH_REJECTED, AUTH_REPLAY, RATE_LIMIT_REJECTED
 from pqmsg.errors import AuthError, BadRequest, RateLimited
 from pqmsg.http.edge import REQUEST_ID_KEY
 from pqmsg.protocol import crypto

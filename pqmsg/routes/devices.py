@@ -7,7 +7,12 @@ import secrets
 
 from quart import Blueprint, Response
 
-from pqmsg.audit_events import DEVICE_LINKED, DEVICE_REVOKED
+from pqmsg.audit.events import (
+    DEVICE_LINKED,
+    DEVICE_PROVISIONING_STARTED,
+    DEVICE_REVOKED,
+    PUSH_TOKEN_SET,
+)
 from pqmsg.errors import BadRequest, Forbidden, NotFound
 from pqmsg.protocol import crypto
 from pqmsg.protocol.auth import parse_device_id
@@ -48,6 +53,10 @@ def blueprint(svc: Services) -> Blueprint:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         expires_at = int(svc.clock()) + svc.settings.auth.provisioning_token_ttl_s
         await db.create_provisioning_token(me.account, token_hash(token), expires_at=expires_at)
+        await svc.audit.record(
+            DEVICE_PROVISIONING_STARTED, outcome="ok", request_id=request_id(), account=me.account,
+            device=me.device, ip=client_ip(),
+        )
         return json_response({"token": token, "expires_at": expires_at}, status=201)
 
     @bp.post("/v1/devices")
@@ -118,6 +127,10 @@ def blueprint(svc: Services) -> Blueprint:
             raise BadRequest("'provider' must be \"fcm\" or \"apns\"", reason="bad_provider")
         token = str_field(body, "token", max_chars=MAX_PUSH_TOKEN_CHARS)
         await db.set_push_target(me.account, me.device, PushTarget(provider=provider, token=token))
+        await svc.audit.record(
+            PUSH_TOKEN_SET, outcome="ok", request_id=request_id(), account=me.account, device=me.device,
+            detail={"provider": provider},
+        )
         return no_content()
 
     @bp.delete("/v1/devices/self/push")

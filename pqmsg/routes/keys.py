@@ -6,7 +6,7 @@ from typing import Any
 
 from quart import Blueprint, Response
 
-from pqmsg.audit_events import KEYS_LAST_RESORT_SERVED, KEYS_UPLOADED
+from pqmsg.audit.events import KEYS_LAST_RESORT_SERVED, KEYS_UPLOADED
 from pqmsg.errors import BadRequest, NotFound, StorageUnavailable
 from pqmsg.protocol import crypto
 from pqmsg.protocol.auth import parse_device_id
