@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any, cast
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from pqmsg.errors import HttpError, MethodNotAllowed, NotFound, PayloadTooLarge, ProblemError
-from pqmsg.http.edge import REQUEST_ID_KEY, ROUTE_KEY, Edge
+from pqmsg.http.edge import REQUEST_ID_KEY, ROUTE_KEY, ASGIApp, Edge
 from pqmsg.http.problems import PROBLEM_JSON, internal_error_body, problem_body
 from pqmsg.routes import accounts, devices, keys, messages, ops
 from pqmsg.services import Services
@@ -82,7 +83,8 @@ def create_app(svc: Services) -> Edge:
     async def record_route() -> None:
         rule = request.url_rule
         if rule is not None:
-            request.scope[ROUTE_KEY] = route_template(rule.rule)
+            scope = cast(dict[str, Any], request.scope)
+            scope[ROUTE_KEY] = route_template(rule.rule)
 
     @app.errorhandler(ProblemError)
     async def on_problem(error: ProblemError) -> Response:
@@ -102,4 +104,4 @@ def create_app(svc: Services) -> Edge:
         log.error("unhandled error in %s %s (request %s)", request.method, request.path, rid, exc_info=error)
         return Response(internal_error_body(rid), status=500, content_type=PROBLEM_JSON)
 
-    return Edge(app, in_flight=svc.in_flight, metrics=svc.metrics)
+    return Edge(cast(ASGIApp, app), in_flight=svc.in_flight, metrics=svc.metrics)

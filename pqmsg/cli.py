@@ -143,7 +143,7 @@ def describe_crash(exc: BaseException) -> str:
 def run_migrate(settings: Settings) -> int:
     from pqmsg.storage.migrations_cli import migrate
 
-    version = trio.run(migrate, settings)
+    version = int(trio.run(migrate, settings))
     print(f"schema at version {version}")
     return 0
 

@@ -25,10 +25,10 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import trio
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 
 from pqmsg import hypercorn_patch
 from pqmsg.app import create_app
@@ -127,10 +127,16 @@ async def serve(
     settings: Settings,
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    sockets: Sockets | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until SIGTERM/SIGINT (or ``shutdown_trigger``) and drain."""
-    from hypercorn.trio import serve as hypercorn_serve
+    """Run the server until SIGTERM/SIGINT (or ``shutdown_trigger``) and drain.
+
+    ``sockets`` are listening sockets bound by a parent process
+    (``--workers``); without them Hypercorn binds ``settings.http.binds``.
+    """
+    from hypercorn.trio.run import worker_serve
+    from hypercorn.utils import wrap_app
 
     settings.validate()
     hypercorn_patch.apply()
@@ -147,8 +153,13 @@ async def serve(
             watchers.start_soon(_watch_signals, stop)
             if shutdown_trigger is not None:
                 watchers.start_soon(_trigger_when, shutdown_trigger, stop)
-            await hypercorn_serve(
-                app, hypercorn_config(settings), shutdown_trigger=hypercorn_shutdown, task_status=task_status
+            config = hypercorn_config(settings)
+            await worker_serve(
+                wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi"),
+                config,
+                sockets=sockets,
+                shutdown_trigger=hypercorn_shutdown,
+                task_status=task_status,
             )
             watchers.cancel_scope.cancel()
         log.info("HTTP drained; closing services")

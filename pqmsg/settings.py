@@ -199,7 +199,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Build settings from ``PQMSG_*`` variables (see :data:`ENVIRONMENT`)."""
-        settings = cls()
+        settings: Settings = cls()
         for name, (path, parse, _help) in ENVIRONMENT.items():
             raw = environ.get(name)
             if raw is None or raw == "":
@@ -216,7 +216,8 @@ class Settings:
 
     def replace(self, path: str, value: Any) -> Settings:
         """A copy with the dotted ``path`` (``"http.binds"``) set to ``value``."""
-        return _replace(self, path, value)
+        replaced: Settings = _replace(self, path, value)
+        return replaced
 
 
 def _replace(obj: Any, path: str, value: Any) -> Any:

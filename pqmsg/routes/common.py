@@ -82,7 +82,8 @@ async def authenticate(svc: Services) -> tuple[Principal, bytes]:
         skew_window_s=svc.settings.auth.skew_window_s,
     )
     try:
-        parsed = parse_auth(request.method, path, query, request.headers, body)
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        parsed = parse_auth(request.method, path, query, headers, body)
         principal = await authenticator.authenticate(parsed)
     except AuthError as exc:
         svc.metrics.auth_rejects.labels(exc.reason).inc()
