@@ -89,7 +89,12 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
         )
         limiter = await stack.enter_async_context(open_rate_limiter(settings.limits, redis=redis))
         replay = await stack.enter_async_context(open_replay_cache(settings, redis=redis))
-        notifier = await stack.enter_async_context(open_notifier())
+        bus = None
+        if redis is not None:
+            from pqmsg.nurseries.bus import RedisBus
+
+            bus = RedisBus(redis, prefix=settings.limits.key_prefix)
+        notifier = await stack.enter_async_context(open_notifier(bus=bus))
         push = await stack.enter_async_context(
             open_push_dispatcher(
                 settings.push, storage=storage.db, has_stream=notifier.has_stream, clock=clock

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Literal, Protocol
 
@@ -31,10 +31,26 @@ class DeviceClosed(Exception):
     """The device was revoked or deleted while waiting."""
 
 
+class BusUnavailable(Exception):
+    """The wake-up bus could not carry a publish (the replica keeps serving)."""
+
+
 class Bus(Protocol):
     """Carries wake-ups between replicas."""
 
-    async def publish(self, kind: WakeKind, account: str, device: int) -> None: ...
+    healthy: bool
+    detail: str | None
+
+    async def publish(self, kind: WakeKind, account: str, device: int) -> None:
+        """Send a wake-up to the other replicas; BusUnavailable if it cannot."""
+
+    async def listen(
+        self,
+        deliver: Callable[[WakeKind, str, int], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Deliver other replicas' wake-ups until cancelled."""
 
 
 @attrs.frozen
@@ -76,9 +92,11 @@ class Notifier:
         self._published = 0
         self._forward_dropped = 0
         self._nursery: trio.Nursery | None = None
-        self._bus_healthy = True
-        self._bus_detail: str | None = None
+        self._bus: Bus | None = None
+        self._forward_healthy = True
+        self._forward_detail: str | None = None
         self._draining = False
+        self._forwarded = trio.Event()
 
     @contextmanager
     def subscribe(self, account: str, device: int, *, stream: bool = False) -> Iterator[Subscription]:
@@ -136,9 +154,12 @@ class Notifier:
     def statistics(self) -> NotifierStatistics:
         waiters = sum(len(s) for s in self._subs.values())
         streams = sum(1 for subs in self._subs.values() for sub in subs if sub.stream)
+        healthy, detail = self._forward_healthy, self._forward_detail
+        if self._bus is not None and not self._bus.healthy:
+            healthy, detail = False, self._bus.detail
         return NotifierStatistics(
-            healthy=self._bus_healthy,
-            detail=self._bus_detail,
+            healthy=healthy,
+            detail=detail,
             tasks=len(self._nursery.child_tasks) if self._nursery else 0,
             waiters=waiters,
             streams=streams,
@@ -155,14 +176,23 @@ class Notifier:
     ) -> None:
         task_status.started()
         async with receive:
-            async for kind, account, device in receive:
-                try:
-                    await bus.publish(kind, account, device)
-                except Exception as exc:  # a failed forward must not end delivery here
-                    self._bus_healthy, self._bus_detail = False, f"bus publish failed: {exc}"
-                    log.warning("wake-up bus publish failed: %s", exc)
-                else:
-                    self._bus_healthy, self._bus_detail = True, None
+            try:
+                await self._forward_all(bus, receive)
+            finally:
+                self._forwarded.set()
+
+    async def _forward_all(
+        self, bus: Bus, receive: trio.MemoryReceiveChannel[tuple[WakeKind, str, int]]
+    ) -> None:
+        async for kind, account, device in receive:
+            try:
+                await bus.publish(kind, account, device)
+            except BusUnavailable as exc:  # a lost wake-up delays, it never loses data
+                self._forward_healthy = False
+                self._forward_detail = f"wake-up bus publish failed: {exc}"
+                log.warning("wake-up bus publish failed: %s", exc)
+            else:
+                self._forward_healthy, self._forward_detail = True, None
 
 
 @asynccontextmanager
@@ -173,13 +203,17 @@ async def open_notifier(*, bus: Bus | None = None) -> AsyncIterator[Notifier]:
         return
     send, receive = trio.open_memory_channel[tuple[WakeKind, str, int]](FORWARD_QUEUE)
     notifier = Notifier(send)
+    notifier._bus = bus
     async with trio.open_nursery() as nursery:
         notifier._nursery = nursery
         await nursery.start(notifier._forward_loop, bus, receive)
+        await nursery.start(bus.listen, notifier.deliver)
         try:
             yield notifier
         finally:
             # Closing the channel ends the forward loop once it has sent what
-            # is queued; the deadline bounds that drain.
+            # is queued; the deadline bounds that drain. Then stop listening.
             await send.aclose()
-            nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+            with trio.move_on_after(DRAIN_S, shield=True):
+                await notifier._forwarded.wait()
+            nursery.cancel_scope.cancel()
