@@ -1,0 +1,84 @@
+"""Two real server processes on one PostgreSQL and one Redis behave as one service."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from pqmsg.client import Client, ProblemResponse, sign_headers
+from tests.storage.test_pgbridge import create_throwaway_database, drop_throwaway_database
+from tests.support.process import server_process
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+
+@pytest.fixture
+def shared_env() -> Iterator[dict[str, str]]:
+    url = create_throwaway_database()
+    try:
+        yield {
+            "PQMSG_DATABASE_URL": url,
+            "PQMSG_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "PQMSG_REDIS_PREFIX": f"pqmsg-test-{secrets.token_hex(4)}:",
+            "PQMSG_RATE_SEND": "0.01/3",
+        }
+    finally:
+        drop_throwaway_database(url)
+
+
+async def test_replicas_share_wake_ups_nonces_and_limits(tmp_path: Path, shared_env: dict[str, str]) -> None:
+    with trio.fail_after(90):
+        async with (
+            server_process(tmp_path / "a", env=shared_env) as a,
+            server_process(tmp_path / "b", env=shared_env) as b,
+            Client(a.url) as on_a,
+            Client(b.url) as on_b,
+        ):
+            alice = await on_a.register()
+            bob = await on_a.register()
+            bob_on_b = type(bob)(on_b, bob.account, bob.device, bob.device_key, bob.identity)
+
+            # A long poll parked on A ends as soon as B stores a message.
+            woke: list[float] = []
+
+            async def poll() -> None:
+                messages, _ = await bob.receive(wait=20)
+                woke.append(trio.current_time())
+                assert [m.ciphertext for m in messages] == [b"via B"]
+
+            alice_on_b = type(alice)(on_b, alice.account, alice.device, alice.device_key, alice.identity)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await trio.sleep(0.5)
+                await alice_on_b.send(bob.account, {1: b"via B"})
+                sent = trio.current_time()
+            assert woke[0] - sent < 1.0
+
+            # A nonce accepted by A is a replay on B.
+            headers = sign_headers(
+                "GET", "/v1/devices", "", b"", account=bob.account, device=bob.device,
+                device_key=bob.device_key, now=on_a.clock(),
+            )
+            async with httpx.AsyncClient() as raw:
+                first = await raw.get(a.url + "/v1/devices", headers=headers)
+                again = await raw.get(b.url + "/v1/devices", headers=headers)
+            assert first.status_code == 200
+            assert (again.status_code, again.json()["reason"]) == (401, "replay")
+
+            # The send limit (burst 3) is one bucket across both replicas.
+            await alice.send(bob.account, {1: b"2"})
+            await alice_on_b.send(bob.account, {1: b"3"})
+            with pytest.raises(ProblemResponse) as limited:
+                await alice.send(bob.account, {1: b"4"})
+            assert limited.value.status == 429
+
+            # Both replicas see the same queue.
+            messages, _ = await bob_on_b.receive()
+            assert [m.ciphertext for m in messages] == [b"via B", b"2", b"3"]
+            health = (await on_b.http.get("/health")).json()
+            assert health["components"]["storage"]["backend"] == "postgres"
