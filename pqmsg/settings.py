@@ -311,7 +311,9 @@ ENVIRONMENT: dict[str, tuple[str, _Parse, str]] = {
     "PQMSG_REDIS_URL": ("limits.redis_url", _optional_str, "redis://... for shared limits and nonces"),
     "PQMSG_REDIS_PREFIX": ("limits.key_prefix", str, "prefix of every Redis key"),
     "PQMSG_RATE_REGISTRATION": ("limits.registration", _rate, "per client IP, PER_S/BURST"),
-    "PQMSG_RATE_PROVISIONING": ("limits.provisioning", _rate, "per account, PER_S/BURST"),
+    "PQMSG_RATE_PROVISIONING": (
+        "limits.provisioning", _rate, "tokens per account, links per client IP, PER_S/BURST"
+    ),
     "PQMSG_RATE_BUNDLE": ("limits.bundle", _rate, "per requesting device and target, PER_S/BURST"),
     "PQMSG_RATE_SEND": ("limits.send", _rate, "per sender device, PER_S/BURST"),
     "PQMSG_RATE_REGISTRATION_ON_FAILURE": ("limits.registration_on_failure", _policy, "open or closed"),
@@ -336,6 +338,10 @@ ENVIRONMENT: dict[str, tuple[str, _Parse, str]] = {
     "PQMSG_PUSH_BREAKER_COOL_DOWN_S": ("push.breaker.cool_down_s", _positive_float, "open before half-open"),
     "PQMSG_AUDIT_KEY": ("audit.key", _audit_key, "HMAC key of audit pseudonyms (hex or base64url)"),
     "PQMSG_AUDIT_FSYNC": ("audit.fsync", _fsync, "always, interval or never"),
+    "PQMSG_AUDIT_FSYNC_INTERVAL_S": ("audit.fsync_interval_s", _positive_float, "fsync period (interval policy)"),
+    "PQMSG_AUDIT_ENQUEUE_TIMEOUT_S": (
+        "audit.enqueue_timeout_s", _positive_float, "how long a request waits on a full audit queue"
+    ),
     "PQMSG_AUDIT_SEGMENT_BYTES": ("audit.max_segment_bytes", _positive_int, "rotate segments at this size"),
     "PQMSG_AUDIT_QUEUE_SIZE": ("audit.queue_size", _positive_int, "bounded audit queue"),
 }
