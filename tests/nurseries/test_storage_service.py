@@ -5,7 +5,7 @@ counts a task waiting for a thread as blocked, so a bare autojump clock
 would leap to the next deadline (perhaps the test's own ``fail_after``)
 while SQLite is still busy. The ``paced`` fixture keeps a deadline at most
 :data:`TICK_S` ahead, which caps every leap; tests then wait for the calls
-they are about (``Faulty.wait_for``) rather than for amounts of time.
+they are about (``Faulty.next_call``) rather than for amounts of time.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class Faulty:
     def __init__(self) -> None:
         self.inner: Backend | None = None
         self.faults: dict[str, Callable[[], BaseException]] = {}
-        self.calls: Counter[str] = Counter()
+        self.started: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # finished, returned or raised
         self._changed = trio.Event()
 
     def opener(self) -> BackendOpener:
@@ -76,6 +77,7 @@ class Faulty:
         method = getattr(self.inner, name)
 
         async def call(*args: Any, **kwargs: Any) -> Any:
+            self.started[name] += 1
             try:
                 fault = self.faults.get(name)
                 if fault is not None:
@@ -88,9 +90,15 @@ class Faulty:
 
         return call
 
-    async def wait_for(self, name: str, calls: int) -> None:
-        """Until ``name`` has returned (or raised) ``calls`` times in all."""
-        while self.calls[name] < calls:
+    async def next_call(self, name: str) -> None:
+        """Until a call of ``name`` that starts from now on has finished.
+
+        The service's loops call one at a time, so once one more call has
+        finished than have started by now, that call started after now (and
+        saw the faults and wall-clock time set before).
+        """
+        target = self.started[name] + 1
+        while self.calls[name] < target:
             await self._changed.wait()
 
 
@@ -139,7 +147,6 @@ async def test_stale_count_refreshes_every_scan_interval(
     with trio.fail_after(DEADLINE_S):
         async with open_storage(settings, clock=clock, backend=faulty.opener()) as storage:
             db = storage.db
-            await faulty.wait_for("count_stale_signed_prekeys", 1)
             await db.create_account(ACCOUNT, b"identity", _device(), now=clock())
             await db.put_keys(
                 ACCOUNT, 1, KeyUpload(SignedKey(1, b"spk", b"sig")), max_per_kind=10, now=clock()
@@ -147,7 +154,7 @@ async def test_stale_count_refreshes_every_scan_interval(
             clock.now += MAX_AGE_S + 1
             assert storage.statistics().stale_signed_prekey_devices == 0
 
-            await faulty.wait_for("count_stale_signed_prekeys", 2)
+            await faulty.next_call("count_stale_signed_prekeys")
 
             assert storage.statistics().stale_signed_prekey_devices == 1
             assert trio.current_time() >= STALE_SCAN_INTERVAL_S
@@ -160,7 +167,6 @@ async def test_cleanup_forgets_send_ids_past_the_window(
     with trio.fail_after(DEADLINE_S):
         async with open_storage(settings, clock=clock, backend=faulty.opener()) as storage:
             db = storage.db
-            await faulty.wait_for("purge_idempotency", 1)
             await db.create_account(ACCOUNT, b"identity", _device(), now=clock())
             await db.create_account(PEER, b"peer", _device(), now=clock())
             sent_at = clock.now
@@ -168,7 +174,7 @@ async def test_cleanup_forgets_send_ids_past_the_window(
             await _send(db, "recent", sent_at + WINDOW_S - 10)
             clock.now = sent_at + WINDOW_S + 5
 
-            await faulty.wait_for("purge_idempotency", 2)
+            await faulty.next_call("purge_idempotency")
 
             assert trio.current_time() >= CLEANUP_INTERVAL_S
             assert not await _send(db, "old", clock.now)  # forgotten: a new send
@@ -183,15 +189,14 @@ async def test_outage_marks_unhealthy_until_a_ping_succeeds(
         async with open_storage(
             settings, clock=FakeWallClock(), backend=faulty.opener()
         ) as storage:
-            await faulty.wait_for("ping", 1)
             faulty.faults["ping"] = lambda: StorageUnavailable("the database is unavailable (X)")
-            await faulty.wait_for("ping", 2)
+            await faulty.next_call("ping")
             stats = storage.statistics()
             assert (stats.healthy, stats.detail) == (False, "the database is unavailable (X)")
 
             # The loop keeps pinging, and the first answer restores health.
             del faulty.faults["ping"]
-            await faulty.wait_for("ping", 3)
+            await faulty.next_call("ping")
             stats = storage.statistics()
             assert (stats.healthy, stats.detail, stats.tasks) == (True, None, 3)
 
@@ -205,10 +210,10 @@ async def test_outage_in_cleanup_is_retried(
         async with open_storage(
             settings, clock=FakeWallClock(), backend=faulty.opener()
         ) as storage:
-            await faulty.wait_for("purge_idempotency", 1)
+            await faulty.next_call("purge_idempotency")
             assert not storage.statistics().healthy
             assert storage.statistics().detail == "disk full"
-            await faulty.wait_for("purge_idempotency", 2)
+            await faulty.next_call("purge_idempotency")  # retried, failing again
             assert storage.statistics().tasks == 3
 
 
