@@ -76,8 +76,8 @@ class PgPoolStatistics:
     waiting: int
 
 
-async def _aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-    """Run the asyncio coroutine function ``fn`` from Trio."""
+async def aio_call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """Run the asyncio coroutine function ``fn`` from Trio (a cancel scope cancels it)."""
     return cast(T, await trio_asyncio.aio_as_trio(fn)(*args, **kwargs))
 
 
@@ -110,23 +110,23 @@ class PgConnection:
 
     async def execute(self, query: str, *args: object) -> str:
         with translate_errors():
-            return await _aio(self._raw.execute, query, *args)
+            return await aio_call(self._raw.execute, query, *args)
 
     async def executemany(self, query: str, args: Sequence[Sequence[object]]) -> None:
         with translate_errors():
-            await _aio(self._raw.executemany, query, args)
+            await aio_call(self._raw.executemany, query, args)
 
     async def fetch(self, query: str, *args: object) -> list[Row]:
         with translate_errors():
-            return await _aio(self._raw.fetch, query, *args)
+            return await aio_call(self._raw.fetch, query, *args)
 
     async def fetchrow(self, query: str, *args: object) -> Row | None:
         with translate_errors():
-            return await _aio(self._raw.fetchrow, query, *args)
+            return await aio_call(self._raw.fetchrow, query, *args)
 
     async def fetchval(self, query: str, *args: object) -> Any:
         with translate_errors():
-            return await _aio(self._raw.fetchval, query, *args)
+            return await aio_call(self._raw.fetchval, query, *args)
 
     @asynccontextmanager
     async def transaction(self, *, isolation: str | None = None) -> AsyncIterator[None]:
@@ -137,19 +137,19 @@ class PgConnection:
         """
         tx = self._raw.transaction(isolation=isolation)
         with translate_errors():
-            await _aio(tx.start)
+            await aio_call(tx.start)
         try:
             yield
         except BaseException:
             await self._rollback(tx)
             raise
         with translate_errors():
-            await _aio(tx.commit)
+            await aio_call(tx.commit)
 
     async def _rollback(self, tx: Any) -> None:
         with trio.move_on_after(self._cleanup_grace_s, shield=True) as scope:
             try:
-                await _aio(tx.rollback)
+                await aio_call(tx.rollback)
                 return
             except Exception as exc:  # the original error matters more
                 logger.debug("rollback failed: %s", type(exc).__name__)
@@ -185,7 +185,7 @@ class PgPool:
         self._waiting += 1
         try:
             with translate_errors(), trio.move_on_after(self._acquire_timeout_s):
-                raw = await _aio(self._raw.acquire)
+                raw = await aio_call(self._raw.acquire)
         finally:
             self._waiting -= 1
         if raw is None:
@@ -199,7 +199,7 @@ class PgPool:
         # asyncpg terminates a connection it cannot reset.
         with trio.move_on_after(self._cleanup_grace_s, shield=True) as scope:
             try:
-                await _aio(self._raw.release, raw, timeout=self._cleanup_grace_s)
+                await aio_call(self._raw.release, raw, timeout=self._cleanup_grace_s)
             except Exception as exc:
                 logger.debug("release failed: %s", type(exc).__name__)
         if scope.cancelled_caught:
@@ -237,7 +237,7 @@ async def open_pg_pool(
     if trio_asyncio.current_loop.get() is None:
         raise RuntimeError("open_pg_pool needs a trio-asyncio loop (trio_asyncio.open_loop())")
     with translate_errors():
-        raw = await _aio(
+        raw = await aio_call(
             asyncpg.create_pool,
             dsn,
             min_size=min_size,
@@ -251,7 +251,7 @@ async def open_pg_pool(
     finally:
         with trio.move_on_after(cleanup_grace_s, shield=True) as scope:
             try:
-                await _aio(raw.close)
+                await aio_call(raw.close)
             except Exception as exc:
                 logger.debug("pool close failed: %s", type(exc).__name__)
         if scope.cancelled_caught or not raw.is_closing():
