@@ -125,6 +125,31 @@ async def test_a_closed_database_is_unavailable(tmp_path: Path) -> None:
             await db.ping()
 
 
+async def test_a_call_queued_behind_closing_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "pqmsg.sqlite3"
+    outcome: list[BaseException] = []
+
+    async def queued_fetch(db: SqliteStorage, account: str) -> None:
+        try:
+            await db.fetch_messages(account, 1, limit=1)
+        except StorageUnavailable as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(DEADLINE_S):
+        async with open_sqlite_storage(path) as db:
+            account = await make_account(db, 1.0)
+            with _write_locked(path) as release:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(db.touch_device, account, 1, now=2.0))
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(db.aclose)
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(queued_fetch, db, account)
+                    await trio.testing.wait_all_tasks_blocked()
+                    release()
+    assert len(outcome) == 1
+
+
 async def test_unopenable_file_is_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "not-a-database"
     path.write_bytes(b"this is not an SQLite file, just some bytes" * 100)
