@@ -783,7 +783,8 @@ class StorageContract:
 
             async def advances(sender_device: int, epochs: tuple[int | None, int | None]) -> int:
                 outgoing = tuple(
-                    OutgoingCopy(device, b"c", epoch) for device, epoch in zip((1, 2), epochs, strict=True)
+                    OutgoingCopy(device, b"c", epoch)
+                    for device, epoch in zip((1, 2), epochs, strict=True)
                 )
                 result = await storage.store_messages(
                     Sender(alice, sender_device),
