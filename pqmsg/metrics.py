@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pqmsg.loopwatch import StepStatistics
+
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 AUTH_REJECT_REASONS = ("malformed", "skew", "unknown_device", "revoked", "signature", "replay")
 LIMITERS = ("registration", "provisioning", "bundle", "send")
@@ -30,6 +32,7 @@ class ScrapeView:
     in_flight: int
     in_flight_limit: int
     long_polls: int
+    loop: StepStatistics
 
 
 class StatisticsCollector(Collector):
@@ -44,6 +47,13 @@ class StatisticsCollector(Collector):
         yield _gauge("pqmsg_http_in_flight_requests", "Requests being served now.", view.in_flight)
         yield _gauge("pqmsg_http_in_flight_limit", "Requests served at once before 503.", view.in_flight_limit)
         yield _gauge("pqmsg_long_polls_waiting", "Long polls and streams parked on new messages.", view.long_polls)
+        yield CounterMetricFamily(
+            "pqmsg_event_loop_slow_steps", "Task steps that held the event loop over 10 ms.",
+            value=view.loop.slow_steps,
+        )
+        yield _gauge(
+            "pqmsg_event_loop_max_step_seconds", "Longest single task step since start.", view.loop.max_step_s
+        )
         tasks = GaugeMetricFamily("pqmsg_nursery_tasks", "Tasks in each service nursery.", labels=["nursery"])
         for name, stat in sorted(stats.items()):
             tasks.add_metric([name], getattr(stat, "tasks", 0))

@@ -34,6 +34,7 @@ from pqmsg import hypercorn_patch
 from pqmsg.app import create_app
 from pqmsg.clock import WallClock, system_clock
 from pqmsg.http.inflight import InFlight
+from pqmsg.loopwatch import StepTimer
 from pqmsg.metrics import Metrics, ScrapeView
 from pqmsg.nurseries.audit import open_audit_writer
 from pqmsg.nurseries.limiter import open_rate_limiter
@@ -102,6 +103,9 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
         )
         in_flight = InFlight(settings.http.max_in_flight, parked_limit=settings.http.max_long_polls)
         metrics = Metrics()
+        loop = StepTimer()
+        trio.lowlevel.add_instrument(loop)
+        stack.callback(trio.lowlevel.remove_instrument, loop)
         services = Services(
             settings=settings,
             clock=clock,
@@ -113,6 +117,7 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
             notifier=notifier,
             in_flight=in_flight,
             metrics=metrics,
+            loop=loop,
         )
         metrics.bind(lambda: scrape_view(services))
         yield services
@@ -125,6 +130,7 @@ def scrape_view(services: Services) -> ScrapeView:
         in_flight=stats.in_flight,
         in_flight_limit=stats.limit,
         long_polls=stats.parked,
+        loop=services.loop.statistics(),
     )
 
 

@@ -14,6 +14,7 @@ import attrs
 
 from pqmsg.clock import WallClock
 from pqmsg.http.inflight import InFlight
+from pqmsg.loopwatch import StepTimer
 from pqmsg.metrics import Metrics
 from pqmsg.settings import Settings
 from pqmsg.storage.base import Backend
@@ -87,6 +88,7 @@ class Services:
     notifier: Notifier
     in_flight: InFlight
     metrics: Metrics
+    loop: StepTimer
 
     def component_statistics(self) -> dict[str, Any]:
         """Statistics of every supervised service, by component name."""
