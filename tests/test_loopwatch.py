@@ -43,3 +43,25 @@ async def test_signature_batches_yield_to_the_loop() -> None:
     finally:
         trio.lowlevel.remove_instrument(timer)
     assert timer.statistics().steps >= 100 // VERIFY_BATCH
+
+
+async def test_a_hundred_key_upload_is_parsed_over_several_steps() -> None:
+    from pqmsg.client.keys import Identity
+    from pqmsg.client.session import Device
+    from pqmsg.routes.keys import PARSE_BATCH, parse_upload, parse_upload_yielding
+
+    body = Device(None, "a", 1, crypto.generate_signing_key(), Identity()).prekey_body(ec=100, pq=100)  # type: ignore[arg-type]
+    timer = StepTimer()
+    parsed: list[object] = []
+
+    async def parse() -> None:
+        parsed.append(await parse_upload_yielding(body, 100))
+
+    trio.lowlevel.add_instrument(timer)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(parse, name="parser")
+    finally:
+        trio.lowlevel.remove_instrument(timer)
+    assert parsed == [parse_upload(body, 100)]
+    assert timer.statistics().steps >= 200 // PARSE_BATCH

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
+import trio
 from quart import Blueprint, Response
 
 from pqmsg.audit.events import KEYS_LAST_RESORT_SERVED, KEYS_UPLOADED
@@ -38,6 +40,8 @@ UPLOAD_FIELDS = {"signed_prekey", "pq_last_resort", "one_time_prekeys", "pq_one_
 SIGNED_FIELDS = {"id", "public_key", "signature"}
 EC_FIELDS = {"id", "public_key"}
 ALL_DEVICES = "*"
+# One-time keys decoded between checkpoints (each PQ key is ~6 KB of base64).
+PARSE_BATCH = 16
 
 
 def _signed(obj: Obj, where: str, key_length: int) -> SignedKey:
@@ -50,6 +54,37 @@ def _signed(obj: Obj, where: str, key_length: int) -> SignedKey:
 
 
 def parse_upload(body: Obj, max_per_upload: int) -> KeyUpload:
+    """Validate a ``PUT /v1/keys`` body in one go (see :func:`parse_upload_yielding`)."""
+    steps = _upload_parser(body, max_per_upload)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            upload: KeyUpload = done.value
+            return upload
+
+
+async def parse_upload_yielding(body: Obj, max_per_upload: int) -> KeyUpload:
+    """Like :func:`parse_upload`, with a checkpoint every few keys.
+
+    Decoding a hundred PQ keys and their signatures takes over 10 ms of
+    CPU; spreading it over steps keeps other requests moving meanwhile.
+    """
+    steps = _upload_parser(body, max_per_upload)
+    count = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            upload: KeyUpload = done.value
+            return upload
+        count += 1
+        if count % PARSE_BATCH == 0:
+            await trio.lowlevel.checkpoint()
+
+
+def _upload_parser(body: Obj, max_per_upload: int) -> Generator[None, None, KeyUpload]:
+    """Yields after each one-time key; returns the whole upload."""
     reject_unknown(body, UPLOAD_FIELDS)
     spk = pq_lr = None
     if body.get("signed_prekey") is not None:
@@ -66,10 +101,11 @@ def parse_upload(body: Obj, max_per_upload: int) -> KeyUpload:
                 public_key=b64_field(item, "public_key", length=crypto.X25519_PUBLIC_KEY_BYTES, where=where),
             )
         )
-    pq = [
-        _one_time_pq(item, f"pq_one_time_prekeys[{i}].")
-        for i, item in enumerate(_items(body, "pq_one_time_prekeys", max_per_upload))
-    ]
+        yield
+    pq: list[OneTimeKey] = []
+    for i, item in enumerate(_items(body, "pq_one_time_prekeys", max_per_upload)):
+        pq.append(_one_time_pq(item, f"pq_one_time_prekeys[{i}]."))
+        yield
     return KeyUpload(spk, pq_lr, tuple(ec), tuple(pq))
 
 
@@ -132,7 +168,7 @@ def blueprint(svc: Services) -> Blueprint:
     @bp.put("/v1/keys")
     async def upload() -> Response:
         me, raw = await authenticate(svc)
-        parsed = parse_upload(await json_body(raw), settings.max_per_upload)
+        parsed = await parse_upload_yielding(await json_body(raw), settings.max_per_upload)
         identity_key = await db.get_identity_key(me.account)
         if identity_key is None:  # deleted between authentication and now
             raise StorageUnavailable("the account changed during the request")
