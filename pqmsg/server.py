@@ -139,6 +139,7 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     sockets: Sockets | None = None,
+    clock: WallClock = system_clock,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until SIGTERM/SIGINT (or ``shutdown_trigger``) and drain.
@@ -151,7 +152,7 @@ async def serve(
 
     settings.validate()
     hypercorn_patch.apply()
-    async with open_services(settings) as services:
+    async with open_services(settings, clock=clock) as services:
         app = create_app(services)
         stop = trio.Event()
 

@@ -16,12 +16,15 @@ async def test_503_arrives_at_once_at_the_limit_and_requests_under_it_succeed(tm
     with trio.fail_after(30):
         async with running_server(settings) as server:
             release = trio.Event()
+            both_admitted = trio.Event()
             admitted = 0
 
             async def slow_body() -> AsyncIterator[bytes]:
                 nonlocal admitted
                 yield b'{"identity_key":'
                 admitted += 1
+                if admitted == 2:
+                    both_admitted.set()
                 await release.wait()  # the request holds its slot while its body trickles in
                 yield b"1}"
 
@@ -33,8 +36,7 @@ async def test_503_arrives_at_once_at_the_limit_and_requests_under_it_succeed(tm
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hold_slot)
                 nursery.start_soon(hold_slot)
-                while admitted < 2:
-                    await trio.sleep(0.01)
+                await both_admitted.wait()
                 await trio.sleep(0.1)
                 async with httpx.AsyncClient(base_url=server.url) as http:
                     started = trio.current_time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,3 +128,36 @@ async def test_metrics_pass_promtool_and_the_contract(server: RunningServer, cli
     assert "pqmsg_messages_acked_total 2.0" in text
     assert "pqmsg_messages_delivered_total 2.0" in text
     assert 'pqmsg_auth_rejects_total{reason="skew"} 1.0' in text
+
+
+async def test_stale_signed_prekeys_are_counted_after_the_rotation_limit(tmp_path: Path) -> None:
+    offset = [0.0]
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    settings = make_settings(
+        tmp_path / "data", keys__signed_prekey_max_age_s=7 * 86400, keys__stale_scan_interval_s=0.05,
+        auth__skew_window_s=30 * 86400, auth__replay_window_s=61 * 86400,
+    )
+    with trio.fail_after(30):
+        async with running_server(settings, clock=clock) as server, Client(server.url, clock=clock) as client:
+            fresh = await client.register()
+            stale = await client.register()
+            await stale.upload_prekeys(ec=0, pq=0)
+            offset[0] = 6 * 86400
+            await fresh.upload_prekeys(ec=0, pq=0)
+
+            async def gauge() -> str:
+                text = (await client.http.get("/metrics")).text
+                return next(line for line in text.splitlines() if line.startswith("pqmsg_signed_prekey_stale_devices "))
+
+            await trio.sleep(0.2)
+            assert await gauge() == "pqmsg_signed_prekey_stale_devices 0.0"
+            offset[0] = 8 * 86400  # the first key is now 8 days old, the second 2
+            for _ in range(200):  # the scan runs every 50 ms
+                if await gauge() == "pqmsg_signed_prekey_stale_devices 1.0":
+                    break
+                await trio.sleep(0.05)
+            assert await gauge() == "pqmsg_signed_prekey_stale_devices 1.0"
+            assert (await stale.key_status())["replenish"] is True

@@ -54,6 +54,11 @@ JWT_BEARER: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 FCM_ERROR_TYPE: Final = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 APNS_TOKEN_MAX_AGE_S: Final = 3600
 APNS_DEVICE_TOKEN: Final = re.compile(r"[0-9a-f]{64}")
+FCM_PROJECT_ID: Final = "pqmsg-test"
+FCM_CLIENT_EMAIL: Final = "push@pqmsg-test.iam.gserviceaccount.com"
+APNS_TEAM_ID: Final = "TEAM123456"
+APNS_KEY_ID: Final = "KEY1234567"
+APNS_TOPIC: Final = "dev.pqmsg.app"
 
 
 def fcm_error(
@@ -103,8 +108,8 @@ APNS_TOO_MANY: Final = apns_error(429, "TooManyRequests")
 class FakeFcm(FakeServer):
     """FCM HTTP v1 and Google's OAuth2 token endpoint on one origin."""
 
-    project_id: str = "pqmsg-test"
-    client_email: str = "push@pqmsg-test.iam.gserviceaccount.com"
+    project_id: str = FCM_PROJECT_ID
+    client_email: str = FCM_CLIENT_EMAIL
     public_key: rsa.RSAPublicKey | None = None
     now: WallClock = lambda: 0.0
     token_lifetime_s: int = 3599
@@ -217,9 +222,9 @@ async def open_fake_fcm(
 class FakeApns(FakeServer):
     """APNs' HTTP/2 provider API."""
 
-    team_id: str = "TEAM123456"
-    key_id: str = "KEY1234567"
-    topic: str = "dev.pqmsg.app"
+    team_id: str = APNS_TEAM_ID
+    key_id: str = APNS_KEY_ID
+    topic: str = APNS_TOPIC
     public_key: ec.EllipticCurvePublicKey | None = None
     now: WallClock = lambda: 0.0
 

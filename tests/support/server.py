@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from pqmsg.clock import WallClock, system_clock
 from pqmsg.server import serve
 from pqmsg.settings import Settings
 
@@ -35,11 +36,13 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
+async def running_server(settings: Settings, *, clock: WallClock = system_clock) -> AsyncIterator[RunningServer]:
     """Serve until the block ends, then drain like SIGTERM would."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status))
+        binds = await nursery.start(
+            lambda task_status: serve(settings, shutdown_trigger=stop.wait, clock=clock, task_status=task_status)
+        )
         url = binds[0].replace("://0.0.0.0", "://127.0.0.1")
         try:
             yield RunningServer(url=url, settings=settings, stop=stop)
