@@ -38,7 +38,7 @@ from pqmsg.loopwatch import StepTimer
 from pqmsg.metrics import Metrics, ScrapeView
 from pqmsg.nurseries.audit import open_audit_writer
 from pqmsg.nurseries.limiter import open_rate_limiter
-from pqmsg.nurseries.notify import open_notifier
+from pqmsg.nurseries.notify import Bus, open_notifier
 from pqmsg.nurseries.push import open_push_dispatcher
 from pqmsg.nurseries.replay import open_replay_cache
 from pqmsg.nurseries.storage import open_storage
@@ -90,11 +90,15 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
         )
         limiter = await stack.enter_async_context(open_rate_limiter(settings.limits, redis=redis))
         replay = await stack.enter_async_context(open_replay_cache(settings, redis=redis))
-        bus = None
+        bus: Bus | None = None
         if redis is not None:
             from pqmsg.nurseries.bus import RedisBus
 
             bus = RedisBus(redis, prefix=settings.limits.key_prefix)
+        elif settings.uses_postgres and settings.storage.database_url:
+            from pqmsg.storage.pgbus import open_pg_bus
+
+            bus = await stack.enter_async_context(open_pg_bus(settings.storage.database_url))
         notifier = await stack.enter_async_context(open_notifier(bus=bus))
         push = await stack.enter_async_context(
             open_push_dispatcher(

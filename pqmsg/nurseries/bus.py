@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import trio
 
-from pqmsg.nurseries.notify import BusUnavailable, WakeKind
+from pqmsg.nurseries.notify import BusUnavailable, Wake, WakeKind
 from pqmsg.redisconn import RedisClient, RedisUnavailable
 
 log = logging.getLogger("pqmsg.bus")
@@ -28,7 +28,6 @@ log = logging.getLogger("pqmsg.bus")
 CHANNEL = "wake"
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 5.0
-_KINDS: dict[str, WakeKind] = {"message": "message", "close": "close"}
 
 Deliver = Callable[[WakeKind, str, int], None]
 
@@ -44,7 +43,7 @@ class RedisBus:
         self.detail: str | None = None
 
     async def publish(self, kind: WakeKind, account: str, device: int) -> None:
-        payload = f"{self._origin} {kind} {account} {device}".encode()
+        payload = Wake(self._origin, kind, account, device).encode().encode()
         try:
             await self._redis.publish(self._channel, payload)
         except RedisUnavailable as exc:
@@ -78,12 +77,6 @@ class RedisBus:
                 backoff = min(backoff * 2, RETRY_MAX_S)
 
     def _dispatch(self, data: bytes, deliver: Deliver) -> None:
-        try:
-            origin, kind, account, device = data.decode("ascii").split(" ")
-            wake_kind = _KINDS[kind]
-            device_id = int(device)
-        except (UnicodeDecodeError, ValueError, KeyError):
-            log.warning("ignoring a malformed wake-up on the bus")
-            return
-        if origin != self._origin:
-            deliver(wake_kind, account, device_id)
+        wake = Wake.decode(data.decode("ascii", errors="replace"))
+        if wake is not None and wake.origin != self._origin:
+            deliver(wake.kind, wake.account, wake.device)

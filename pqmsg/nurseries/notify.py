@@ -25,10 +25,43 @@ log = logging.getLogger("pqmsg.notify")
 FORWARD_QUEUE = 10_000
 DRAIN_S = 2.0
 WakeKind = Literal["message", "close"]
+#: Why a subscription ended: its device was revoked or deleted, a newer
+#: stream of the same device replaced it, or the server is draining.
+CloseReason = Literal["revoked", "replaced", "shutdown"]
 
 
 class DeviceClosed(Exception):
-    """The device was revoked or deleted while waiting."""
+    """The wait ended for good: the device went away, or see ``reason``."""
+
+    def __init__(self, reason: CloseReason = "revoked") -> None:
+        super().__init__(reason)
+        self.reason: CloseReason = reason
+
+
+@attrs.frozen
+class Wake:
+    """One wake-up as it crosses the bus: who published it, and for which device."""
+
+    origin: str
+    kind: WakeKind
+    account: str
+    device: int
+
+    def encode(self) -> str:
+        return f"{self.origin} {self.kind} {self.account}:{self.device}"
+
+    @classmethod
+    def decode(cls, payload: str) -> Wake | None:
+        """The wake-up in ``payload``, or None (logged) when it is malformed."""
+        try:
+            origin, kind, address = payload.split(" ")
+            account, _, device = address.rpartition(":")
+            if kind not in ("message", "close") or not account:
+                raise ValueError(kind)
+            return cls(origin, kind, account, int(device))  # type: ignore[arg-type]
+        except ValueError:
+            log.warning("ignoring a malformed wake-up on the bus")
+            return None
 
 
 class BusUnavailable(Exception):
@@ -70,9 +103,16 @@ class Subscription:
     def __init__(self, stream: bool) -> None:
         self.stream = stream
         self.closed = False
+        self.reason: CloseReason | None = None
         self._event = trio.Event()
 
     def _fire(self) -> None:
+        self._event.set()
+
+    def _close(self, reason: CloseReason) -> None:
+        """End the subscription; the first reason given is the one reported."""
+        if not self.closed:
+            self.closed, self.reason = True, reason
         self._event.set()
 
     async def wait(self) -> None:
@@ -82,7 +122,7 @@ class Subscription:
         # next wait, so nothing falls between the fetch and the next wait.
         self._event = trio.Event()
         if self.closed:
-            raise DeviceClosed
+            raise DeviceClosed(self.reason or "revoked")
 
 
 class Notifier:
@@ -103,9 +143,13 @@ class Notifier:
         sub = Subscription(stream)
         if self._draining:
             # A request admitted just before the drain must not wait either.
-            sub.closed = True
-            sub._fire()
+            sub._close("shutdown")
         key = (account, device)
+        if stream:
+            # One stream per device on this replica: the newest replaces the others.
+            for older in self._subs.get(key, ()):
+                if older.stream:
+                    older._close("replaced")
         self._subs[key].add(sub)
         try:
             yield sub
@@ -133,15 +177,15 @@ class Notifier:
         self._draining = True
         for subs in self._subs.values():
             for sub in subs:
-                sub.closed = True
-                sub._fire()
+                sub._close("shutdown")
 
     def deliver(self, kind: WakeKind, account: str, device: int) -> None:
         """Wake this replica's waiters (the bus calls this for remote publishes)."""
         for sub in self._subs.get((account, device), ()):
             if kind == "close":
-                sub.closed = True
-            sub._fire()
+                sub._close("revoked")
+            else:
+                sub._fire()
 
     def _send_to_bus(self, kind: WakeKind, account: str, device: int) -> None:
         if self._forward is None:

@@ -30,7 +30,7 @@ import attrs
 import trio
 
 from pqmsg.errors import StorageUnavailable
-from pqmsg.nurseries.notify import BusUnavailable, WakeKind
+from pqmsg.nurseries.notify import BusUnavailable, Wake, WakeKind
 from pqmsg.storage.pgbridge import PgPool, aio_call, open_pg_pool, translate_errors
 
 log = logging.getLogger("pqmsg.pgbus")
@@ -41,7 +41,6 @@ RETRY_MAX_S = 5.0
 HEARTBEAT_S = 10.0
 RECEIVE_BUFFER = 1_000
 APPLICATION_NAME = "pqmsg-bus"
-_KINDS: dict[str, WakeKind] = {"message": "message", "close": "close"}
 
 Deliver = Callable[[WakeKind, str, int], None]
 
@@ -73,7 +72,7 @@ class PgBus:
 
     async def publish(self, kind: WakeKind, account: str, device: int) -> None:
         """Send a wake-up to every other replica; BusUnavailable if it cannot."""
-        payload = f"{self._origin} {kind} {account}:{device}"
+        payload = Wake(self._origin, kind, account, device).encode()
         try:
             with trio.fail_after(self._timeout_s):
                 async with self._pool.acquire() as con:
@@ -165,16 +164,10 @@ class PgBus:
                 self._dispatch(payload, deliver)
 
     def _dispatch(self, payload: str, deliver: Deliver) -> None:
-        try:
-            origin, kind, address = payload.split(" ")
-            account, _, device = address.rpartition(":")
-            wake_kind, device_id = _KINDS[kind], int(device)
-        except (ValueError, KeyError):
-            log.warning("ignoring a malformed wake-up on the bus")
-            return
-        if origin != self._origin and account:
+        wake = Wake.decode(payload)
+        if wake is not None and wake.origin != self._origin:
             self._delivered += 1
-            deliver(wake_kind, account, device_id)
+            deliver(wake.kind, wake.account, wake.device)
 
 
 class _Listening:

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from pqmsg.client import Client, Device, ProblemResponse
-from tests.storage.test_pgbridge import create_throwaway_database, drop_throwaway_database
+from tests.support.postgres import create_throwaway_database, drop_throwaway_database
 from tests.support.process import server_process
 from tests.support.redis_server import private_redis_server
 

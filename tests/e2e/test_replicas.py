@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from pqmsg.client import Client, ProblemResponse, sign_headers
-from tests.storage.test_pgbridge import create_throwaway_database, drop_throwaway_database
+from tests.support.postgres import create_throwaway_database, drop_throwaway_database
 from tests.support.process import server_process
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -82,3 +82,31 @@ async def test_replicas_share_wake_ups_nonces_and_limits(tmp_path: Path, shared_
             assert [m.ciphertext for m in messages] == [b"via B", b"2", b"3"]
             health = (await on_b.http.get("/health")).json()
             assert health["components"]["storage"]["backend"] == "postgres"
+
+
+async def test_on_postgres_alone_wake_ups_cross_replicas_by_listen_notify(
+    tmp_path: Path, shared_env: dict[str, str]
+) -> None:
+    env = {"PQMSG_DATABASE_URL": shared_env["PQMSG_DATABASE_URL"]}
+    with trio.fail_after(90):
+        async with (
+            server_process(tmp_path / "a", env=env) as a,
+            server_process(tmp_path / "b", env=env) as b,
+            Client(a.url) as on_a,
+            Client(b.url) as on_b,
+        ):
+            alice = await on_b.register()
+            bob = await on_a.register()
+            woke: list[float] = []
+
+            async def poll() -> None:
+                messages, _ = await bob.receive(wait=20)
+                woke.append(trio.current_time())
+                assert [m.ciphertext for m in messages] == [b"via B"]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await trio.sleep(0.5)
+                await alice.send(bob.account, {1: b"via B"})
+                sent = trio.current_time()
+            assert woke[0] - sent < 1.0

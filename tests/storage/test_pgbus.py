@@ -12,7 +12,7 @@ import trio_asyncio
 
 from pqmsg.nurseries.notify import DeviceClosed, WakeKind, open_notifier
 from pqmsg.storage.pgbus import CHANNEL, PgBus, open_pg_bus
-from tests.storage.test_pgbridge import (
+from tests.support.postgres import (
     create_throwaway_database,
     drop_throwaway_database,
     raw_connection,

@@ -39,7 +39,7 @@ from tests.storage.contract import (
     send,
     spk,
 )
-from tests.storage.test_pgbridge import (
+from tests.support.postgres import (
     create_throwaway_database,
     drop_throwaway_database,
     raw_connection,

@@ -21,7 +21,7 @@ from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import Sender
 from pqmsg.storage.postgres import PostgresStorage, migrate_postgres, open_postgres_storage
 from tests.storage.contract import copies, make_account, queue_of, send
-from tests.storage.test_pgbridge import (
+from tests.support.postgres import (
     create_throwaway_database,
     drop_throwaway_database,
     raw_connection,
