@@ -102,13 +102,24 @@ def _push_families(stat: Any) -> Iterator[Any]:
     state = GaugeMetricFamily(
         "pqmsg_push_circuit_state", "Push circuit breaker (0 closed, 1 half-open, 2 open).", labels=["provider"]
     )
+    skipped = CounterMetricFamily(
+        "pqmsg_push_skipped", "Wake-ups not sent, by reason (coalesced, streaming, ...).", labels=["reason"]
+    )
+    overflow = 0
     if stat is not None:
         for (provider, outcome), count in sorted(stat.requests.items()):
             requests.add_metric([provider, outcome], count)
         for provider, pstat in sorted(stat.providers.items()):
             state.add_metric([provider], pstat.state_value)
+        for reason, count in sorted(stat.skipped.items()):
+            skipped.add_metric([reason], count)
+        overflow = stat.overflow_total
     yield requests
     yield state
+    yield skipped
+    yield CounterMetricFamily(
+        "pqmsg_push_queue_overflow", "Wake-ups dropped because the push queue was full.", value=overflow
+    )
 
 
 def _audit_families(stat: Any) -> Iterator[Any]:

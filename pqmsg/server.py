@@ -102,7 +102,8 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
         notifier = await stack.enter_async_context(open_notifier(bus=bus))
         push = await stack.enter_async_context(
             open_push_dispatcher(
-                settings.push, storage=storage.db, has_stream=notifier.has_stream, clock=clock
+                settings.push, storage=storage.db, has_stream=notifier.has_stream, clock=clock,
+                grace_s=settings.http.grace_period_s,
             )
         )
         in_flight = InFlight(settings.http.max_in_flight, parked_limit=settings.http.max_long_polls)
