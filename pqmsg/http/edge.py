@@ -30,7 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID_KEY = "pqmsg.request_id"
 ROUTE_KEY = "pqmsg.route"
 UNMATCHED_ROUTE = "unmatched"
-_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,64}$")
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{8,64}")
 
 log = logging.getLogger("pqmsg.http")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("pqmsg.http")
 def request_id_for(scope: Scope) -> str:
     """Echo the client's X-Request-Id when it is safe to, else make one."""
     for name, value in scope.get("headers", ()):
-        if name == b"x-request-id" and _SAFE_REQUEST_ID.match(value):
+        if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return str(value.decode("ascii"))
     return secrets.token_hex(12)
 

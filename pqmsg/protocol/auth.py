@@ -20,10 +20,10 @@ from pqmsg.protocol.b64 import Base64Error, b64decode
 from pqmsg.protocol.canonical import SignedRequest, canonical_string
 from pqmsg.storage.base import DeviceAuth
 
-ACCOUNT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-DEVICE_RE = re.compile(r"^[1-9][0-9]{0,9}$")
-TIMESTAMP_RE = re.compile(r"^[0-9]{1,12}$")
-NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+ACCOUNT_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+DEVICE_RE = re.compile(r"[1-9][0-9]{0,9}")
+TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 MAX_DEVICE_ID = 2**31 - 1
 
 HEADER_ACCOUNT = "pqmsg-account"
@@ -54,7 +54,7 @@ class ParsedAuth:
 
 def parse_device_id(text: str) -> int:
     """A device id in decimal; ValueError unless 1..2**31-1 without leading zeros."""
-    if not DEVICE_RE.match(text) or int(text) > MAX_DEVICE_ID:
+    if not DEVICE_RE.fullmatch(text) or int(text) > MAX_DEVICE_ID:
         raise ValueError(f"not a device id: {text[:20]!r}")
     return int(text)
 
@@ -68,15 +68,15 @@ def parse_auth(
     if missing:
         raise AuthError(f"missing header {_title(missing[0])}", reason="malformed")
     account, device, timestamp, nonce, signature = (str(values[n]) for n in AUTH_HEADERS)
-    if not ACCOUNT_RE.match(account):
+    if not ACCOUNT_RE.fullmatch(account):
         raise AuthError("Pqmsg-Account must be a lowercase hyphenated UUID", reason="malformed")
     try:
         device_id = parse_device_id(device)
     except ValueError:
         raise AuthError("Pqmsg-Device must be a positive decimal integer", reason="malformed") from None
-    if not TIMESTAMP_RE.match(timestamp):
+    if not TIMESTAMP_RE.fullmatch(timestamp):
         raise AuthError("Pqmsg-Timestamp must be Unix seconds in decimal", reason="malformed")
-    if not NONCE_RE.match(nonce):
+    if not NONCE_RE.fullmatch(nonce):
         raise AuthError("Pqmsg-Nonce must be 16 to 64 base64url characters", reason="malformed")
     try:
         sig = b64decode(signature, length=crypto.SIGNATURE_BYTES)

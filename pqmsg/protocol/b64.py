@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 
-_ALPHABET = re.compile(r"^[A-Za-z0-9_-]*$")
+_ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class Base64Error(ValueError):
@@ -29,7 +29,7 @@ def b64decode(text: str, *, length: int | None = None, max_length: int | None = 
         raise Base64Error(f"longer than {max_length} bytes")
     if "=" in text:
         raise Base64Error("must be unpadded base64url (no '=')")
-    if not _ALPHABET.match(text):
+    if not _ALPHABET.fullmatch(text):
         raise Base64Error("must use the base64url alphabet (A-Z a-z 0-9 - _)")
     if len(text) % 4 == 1:
         raise Base64Error("is not a valid base64url length")

@@ -14,7 +14,7 @@ from typing import Any
 from pqmsg.errors import BadRequest, UnsupportedMediaType
 from pqmsg.protocol.b64 import Base64Error, b64decode
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_NAME_CHARS = 64
 MAX_KEY_ID = 2**63 - 1
 
@@ -29,8 +29,12 @@ def parse_json_object(body: bytes, content_type: str | None) -> Obj:
     ):
         raise UnsupportedMediaType("the body must be application/json")
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode("utf-8")  # RFC 8259 §8.1: UTF-8 only (json.loads would guess UTF-16/32)
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8", reason="bad_json") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and integers longer than Python converts
         raise BadRequest(f"the body is not valid JSON: {exc}", reason="bad_json") from None
     except RecursionError:
         raise BadRequest("the body is nested too deeply", reason="bad_json") from None
@@ -78,12 +82,21 @@ def optional_int(obj: Obj, name: str, *, low: int, high: int, where: str = "") -
     return int_field(obj, name, low=low, high=high, where=where)
 
 
+def _encodable(value: str, name: str) -> None:
+    """JSON escapes can produce lone surrogates, which no UTF-8 store accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name!r} is not valid Unicode text", reason="bad_text") from None
+
+
 def optional_name(obj: Obj, name: str = "name") -> str | None:
     value = obj.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise BadRequest(f"{name!r} must be a string", reason="wrong_type")
+    _encodable(value, name)
     if len(value) > MAX_NAME_CHARS or any(ord(c) < 0x20 for c in value):
         raise BadRequest(
             f"{name!r} must be at most {MAX_NAME_CHARS} printable characters",
@@ -98,12 +111,13 @@ def str_field(obj: Obj, name: str, *, max_chars: int, where: str = "") -> str:
         raise BadRequest(f"{where}{name!r} must be a non-empty string", reason="wrong_type")
     if len(value) > max_chars:
         raise BadRequest(f"{where}{name!r} is longer than {max_chars} characters", reason="out_of_range")
+    _encodable(value, where + name)
     return value
 
 
 def uuid_field(obj: Obj, name: str, where: str = "") -> str:
     value = field(obj, name, where)
-    if not isinstance(value, str) or not UUID_RE.match(value):
+    if not isinstance(value, str) or not UUID_RE.fullmatch(value):
         raise BadRequest(f"{where}{name!r} must be a lowercase hyphenated UUID", reason="bad_uuid")
     return value
 
@@ -126,6 +140,6 @@ def list_field(obj: Obj, name: str, *, max_items: int, where: str = "") -> list[
 
 def uuid_path(value: str, name: str) -> str:
     """A path parameter that must be an account UUID."""
-    if not UUID_RE.match(value):
+    if not UUID_RE.fullmatch(value):
         raise BadRequest(f"path parameter {name!r} must be a lowercase hyphenated UUID", reason="bad_path")
     return value

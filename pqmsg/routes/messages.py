@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import trio
@@ -32,6 +33,7 @@ MAX_COPIES = 1000
 MAX_ACK = 500
 MAX_EPOCH = 2**63 - 1
 DEFAULT_FETCH = 100
+DECIMAL_RE = re.compile("[0-9]{1,6}")  # ASCII digits only: str.isdigit() admits superscripts and other scripts' digits
 
 
 def parse_copies(body: Obj, max_ciphertext: int) -> list[OutgoingCopy]:
@@ -75,7 +77,7 @@ def message_json(msg: QueuedMessage) -> dict[str, Any]:
 
 
 def _int_param(name: str, raw: str, low: int, high: int) -> int:
-    if not raw.isdigit() or len(raw) > 6 or not low <= int(raw) <= high:
+    if not DECIMAL_RE.fullmatch(raw) or not low <= int(raw) <= high:
         raise BadRequest(f"query parameter {name!r} must be an integer from {low} to {high}", reason="bad_query")
     return int(raw)
 

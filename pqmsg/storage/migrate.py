@@ -14,7 +14,7 @@ from importlib import resources
 
 import attrs
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 
 @attrs.frozen
@@ -29,7 +29,7 @@ def load_migrations(dialect: str) -> tuple[Migration, ...]:
     folder = resources.files("pqmsg.storage") / "migrations" / dialect
     found = []
     for entry in folder.iterdir():
-        match = _NAME.match(entry.name)
+        match = _NAME.fullmatch(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
     found.sort(key=lambda m: m.version)
