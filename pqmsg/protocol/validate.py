@@ -112,6 +112,8 @@ def str_field(obj: Obj, name: str, *, max_chars: int, where: str = "") -> str:
     if len(value) > max_chars:
         raise BadRequest(f"{where}{name!r} is longer than {max_chars} characters", reason="out_of_range")
     _encodable(value, where + name)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise BadRequest(f"{where}{name!r} must not contain control characters", reason="bad_text")
     return value
 
 

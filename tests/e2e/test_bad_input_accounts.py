@@ -225,12 +225,6 @@ async def test_setting_a_push_target(world: World) -> None:
         await check_cases(world, cases, views=())  # push targets: rows only
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="str_field (pqmsg/protocol/validate.py) lets control characters through: a push "
-    "token holding a NUL is stored (204) on SQLite, and on PostgreSQL, whose text cannot hold "
-    "0x00, set_push_target raises asyncpg CharacterNotInRepertoireError: a 500",
-)
 async def test_a_push_token_with_a_nul_is_400(world: World) -> None:
     with trio.fail_after(30):
         endpoint = Endpoint("PUT", "/v1/devices/self/push")
