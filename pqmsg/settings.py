@@ -113,6 +113,27 @@ class MessageSettings:
 
 
 @attrs.frozen
+class StreamSettings:
+    """WebSocket delivery (``GET /v1/stream``); see :mod:`pqmsg.routes.stream`.
+
+    A stream holds at most ``max_unacked`` messages (and about
+    ``max_unacked_bytes`` of ciphertext) delivered but not yet acknowledged;
+    past that it waits for acks. A client that keeps messages waiting that
+    way for ``ack_timeout_s``, or whose frame the server cannot write within
+    ``send_timeout_s``, is disconnected (slow consumer), and so is a client
+    that sends nothing (not even a pong) for ``idle_timeout_s``.
+    """
+
+    max_streams: int = 20_000
+    ping_interval_s: float = 25.0
+    idle_timeout_s: float = 60.0
+    send_timeout_s: float = 10.0
+    ack_timeout_s: float = 60.0
+    max_unacked: int = 100
+    max_unacked_bytes: int = 1024 * 1024
+
+
+@attrs.frozen
 class BreakerSettings:
     window_s: float = 30.0
     min_requests: int = 5
@@ -159,6 +180,7 @@ class Settings:
     limits: LimitSettings = LimitSettings()
     keys: KeySettings = KeySettings()
     messages: MessageSettings = MessageSettings()
+    stream: StreamSettings = StreamSettings()
     push: PushSettings = PushSettings()
     audit: AuditSettings = AuditSettings()
 
@@ -175,6 +197,10 @@ class Settings:
             )
         if self.http.max_in_flight < 1:
             raise SettingsError("PQMSG_MAX_IN_FLIGHT must be at least 1")
+        if self.stream.idle_timeout_s <= self.stream.ping_interval_s:
+            raise SettingsError(
+                "PQMSG_STREAM_IDLE_TIMEOUT_S must be longer than PQMSG_STREAM_PING_INTERVAL_S"
+            )
         if (self.http.certfile is None) != (self.http.keyfile is None):
             raise SettingsError("--certfile and --keyfile go together")
         return self
@@ -322,6 +348,37 @@ ENVIRONMENT: dict[str, tuple[str, _Parse, str]] = {
     "PQMSG_RATE_SEND_ON_FAILURE": ("limits.send_on_failure", _policy, "open or closed"),
     "PQMSG_SIGNED_PREKEY_MAX_AGE_S": ("keys.signed_prekey_max_age_s", _positive_int, "rotation limit"),
     "PQMSG_PREKEY_LOW_WATER": ("keys.low_water_mark", _positive_int, "replenish below this count"),
+    "PQMSG_STREAM_MAX": ("stream.max_streams", _positive_int, "open WebSocket streams at once"),
+    "PQMSG_STREAM_PING_INTERVAL_S": (
+        "stream.ping_interval_s",
+        _positive_float,
+        "the server sends a ping frame this often",
+    ),
+    "PQMSG_STREAM_IDLE_TIMEOUT_S": (
+        "stream.idle_timeout_s",
+        _positive_float,
+        "a stream whose client sent nothing for this long is closed",
+    ),
+    "PQMSG_STREAM_SEND_TIMEOUT_S": (
+        "stream.send_timeout_s",
+        _positive_float,
+        "a frame not written within this closes the stream (slow consumer)",
+    ),
+    "PQMSG_STREAM_ACK_TIMEOUT_S": (
+        "stream.ack_timeout_s",
+        _positive_float,
+        "a full unacked window with messages waiting this long closes the stream",
+    ),
+    "PQMSG_STREAM_MAX_UNACKED": (
+        "stream.max_unacked",
+        _positive_int,
+        "messages delivered on a stream and not yet acknowledged",
+    ),
+    "PQMSG_STREAM_MAX_UNACKED_BYTES": (
+        "stream.max_unacked_bytes",
+        _positive_int,
+        "ciphertext bytes delivered on a stream and not yet acknowledged",
+    ),
     "PQMSG_FCM_ENDPOINT": ("push.fcm_endpoint", str, "FCM HTTP v1 base URL"),
     "PQMSG_FCM_TOKEN_URL": ("push.fcm_token_url", str, "OAuth2 token endpoint"),
     "PQMSG_FCM_CREDENTIALS": ("push.fcm_credentials", Path, "service-account JSON file; enables FCM"),
