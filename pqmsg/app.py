@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from pqmsg.errors import HttpError, MethodNotAllowed, NotFound, PayloadTooLarge, ProblemError
 from pqmsg.http.edge import REQUEST_ID_KEY, ROUTE_KEY, ASGIApp, Edge
 from pqmsg.http.problems import PROBLEM_JSON, internal_error_body, problem_body
-from pqmsg.routes import accounts, devices, keys, messages, ops
+from pqmsg.routes import accounts, devices, keys, messages, ops, stream
 from pqmsg.services import Services
 
 log = logging.getLogger("pqmsg.app")
@@ -76,7 +76,7 @@ def create_app(svc: Services) -> Edge:
         BODY_TIMEOUT=30,
         RESPONSE_TIMEOUT=svc.settings.messages.max_wait_s + 30,
     )
-    for module in (ops, accounts, devices, keys, messages):
+    for module in (ops, accounts, devices, keys, messages, stream):
         app.register_blueprint(module.blueprint(svc))
 
     @app.before_request
