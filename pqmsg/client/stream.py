@@ -421,7 +421,6 @@ class H2WebSocket:
         events = self._h2.receive_data(data) if data else [h2.events.ConnectionTerminated()]
         for event in events:
             self._on_h2_event(event)
-        self._on_ws_events()
         replies, self._replies = self._replies, []
         for reply in replies:
             await self._send_data(reply)
@@ -438,10 +437,11 @@ class H2WebSocket:
             self._status = int(dict(self._headers)[b":status"])
         elif isinstance(event, h2.events.DataReceived) and event.stream_id == self._id:
             self._h2.acknowledge_received_data(event.flow_controlled_length or 0, self._id)
-            if self._status == 200:
-                self._ws.receive_data(event.data)
-            else:
+            if self._status != 200:
                 self._body += event.data or b""
+            elif self._ws.state is not ConnectionState.CLOSED:  # after the close: ignored
+                self._ws.receive_data(event.data)
+                self._on_ws_events()  # now: a close frame here comes before the stream's end
         elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
             if event.stream_id == self._id:
                 self._end()
@@ -451,7 +451,8 @@ class H2WebSocket:
 
     def _end(self) -> None:
         if not self._ended and self._status == 200 and self._ws.state is not ConnectionState.CLOSED:
-            self._ws.receive_data(None)  # a lost stream is a 1006 close
+            self._ws.receive_data(None)  # a stream lost without a close frame is a 1006 close
+            self._on_ws_events()
         self._ended = True
 
     def _on_ws_events(self) -> None:
