@@ -1,0 +1,58 @@
+"""The load harness still runs end to end: a tiny mixed run plus its baseline.
+
+This checks that ``python -m bench`` works and reports what it should; the
+performance figures themselves come from benchmark runs (bench/RESULTS.md),
+never from timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+pytestmark = pytest.mark.slow
+
+ENDPOINT_KEYS = {"requests", "ok", "errors", "throughput_rps", "latency_ms"}
+LATENCY_KEYS = {"p50", "p95", "p99", "max", "mean"}
+
+
+def check_endpoint(name: str, summary: dict[str, object]) -> None:
+    assert set(summary) == ENDPOINT_KEYS, name
+    assert summary["errors"] == {}, (name, summary["errors"])
+    assert summary["ok"] == summary["requests"], name
+    latency = summary["latency_ms"]
+    assert isinstance(latency, dict) and set(latency) == LATENCY_KEYS, name
+
+
+async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    argv = [
+        sys.executable, "-m", "bench", "--spawn", "--scenario", "mixed", "--duration", "2",
+        "--warmup", "0.5", "--accounts", "3", "--concurrency", "2", "--connections", "1",
+        "--signers", "1", "--poll-wait", "1", "--baseline", "--no-progress",
+        "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
+    ]
+    with trio.fail_after(180):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    stdout = done.stdout.decode()
+    assert "ratio: " in stdout
+
+    result = json.loads(out.read_text())
+    endpoints = result["endpoints"]
+    assert {"send", "bundle", "poll", "ack", "authenticated"} <= set(endpoints)
+    for name, summary in endpoints.items():
+        check_endpoint(name, summary)
+    assert endpoints["send"]["ok"] > 0 and endpoints["bundle"]["ok"] > 0
+    assert result["e2e_delivery"]["count"] > 0
+    assert set(result["cpu"]) >= {"harness_loop_pct", "harness_signers_pct", "server_pct", "cores"}
+    assert isinstance(result["warnings"], list)
+    assert result["timeline"] and set(result["timeline"][0]) >= {"t_s", "endpoint", "p95_ms"}
+
+    baseline = result["baseline"]
+    check_endpoint("baseline send", baseline["endpoints"]["send"])
+    assert isinstance(result["ratio"], float) and result["ratio"] > 0
