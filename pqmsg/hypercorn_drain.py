@@ -1,0 +1,303 @@
+"""Make Hypercorn 0.18.0's trio worker drain keep-alive connections at shutdown.
+
+When the shutdown trigger fires, ``worker_serve`` (``trio/run.py:117-118``)
+sets ``context.terminated`` and gives the connections ``graceful_timeout`` to
+finish. A connection closes early only through its idle task
+(``TCPServer._idle_timeout``, ``trio/tcp_server.py:131``), which waits for
+``terminated`` or ``keep_alive_timeout`` and then closes it. Three bugs keep
+that from happening; the second one also loses responses. Line numbers are
+Hypercorn 0.18.0's.
+
+Bug 1: after a response, the idle task is never started again
+--------------------------------------------------------------
+The bookkeeping after a response runs in the ASGI app's own task:
+``HTTPStream.app_send`` -> ``StreamClosed`` -> ``H11Protocol._maybe_recycle``
+(``protocol/h11.py:271``) or ``H2Protocol.stream_send`` (``protocol/h2.py:223``).
+Both first call ``_close_stream``, which puts ``http.disconnect`` in the app's
+receive channel (``protocol/http_stream.py:132``). Quart-Trio answers
+``http.disconnect`` by cancelling the request's nursery
+(``quart_trio/asgi.py:40``), which holds this very task. So everything
+after it is cancelled at its first checkpoint:
+
+- ``send(Updated(idle=True))`` (``h11.py:286``, ``h2.py:231``) reaches
+  ``TrioSingleTask.restart`` (``trio/worker_context.py:30``) and dies on its
+  lock, or in ``nursery.start``, which does not reparent a child started
+  from a cancelled scope. No idle task is left. The connection sits in
+  ``_read_data`` with no timeout until the graceful deadline, and
+  ``keep_alive_timeout`` is not enforced either.
+- ``send(Closed())`` after the last response at shutdown (``h11.py:289``)
+  dies in ``_close``'s ``send_eof``, so the socket is never closed.
+
+An ASGI app that returns after its last message does not show this; an app
+that cancels itself on ``http.disconnect`` (as ASGI allows) always does.
+
+Bug 2: HTTP/2 responses lose END_STREAM when shutdown has started
+-----------------------------------------------------------------
+``H2Protocol``'s ``send_task`` writes DATA and then END_STREAM
+(``h2.py:163-172``). The app's ``EndBody`` only waits until the stream's
+buffer is empty (``h2.py:216``, ``StreamBuffer.pop`` at ``h2.py:77``), which
+is before END_STREAM. So the app task can get to ``StreamClosed`` first, and
+with ``terminated`` set it calls ``close_connection()`` (``h2.py:229``). The
+``h2`` state machine is then CLOSED and allows nothing but GOAWAY
+(``h2/connection.py:244-247``): ``send_task``'s ``end_stream`` raises
+``ProtocolError``, which ``h2.py:175`` swallows. The client has the headers
+and the body but never the end of the stream, and fails with "Server
+disconnected" when the connection closes. That is usually at the graceful
+deadline: because of bug 1, even the GOAWAY's flush is cancelled, and no
+idle task is left to close the connection. Which task wins is up to Trio's scheduler: about half the
+time when the response comes just after the trigger.
+
+Bug 3: a prior-knowledge h2c connection with no request is never idle
+---------------------------------------------------------------------
+``H11Protocol`` parses the h2c preface ``PRI * HTTP/2.0`` as a request and
+reports ``Updated(idle=False)`` (``h11.py:171``) before switching to
+``H2Protocol``. That stops the idle task, and only a finished stream starts
+it again. A client that connects and has not sent a request yet holds the
+drain until the graceful deadline.
+
+The fix
+-------
+1. ``TCPServer.protocol_send`` restarts or stops the idle task, and runs
+   ``_close()`` for ``Closed``, under ``trio.move_on_after(grace, shield=True)``.
+   These steps belong to the connection, not to the task that happens to
+   call them, and none of them waits for the peer. Handing ``Closed`` to the
+   protocol (and from there ``http.disconnect`` to apps) stays cancellable,
+   as upstream has it. ``RawData`` is unchanged.
+2. ``H2Protocol`` reports the connection idle only once it is drained: no
+   active stream, and ``send_task`` has written the last frame of every
+   finished stream. The app task's ``StreamClosed`` no longer sends GOAWAY
+   itself, and ``send_task`` reports idle when it writes the last frame of
+   the last stream. ``initiate`` reports a fresh connection idle (bug 3).
+3. The idle task closes an HTTP/2 connection with GOAWAY first. The GOAWAY
+   write is bounded by ``GOAWAY_SEND_TIMEOUT_S`` and not shielded: a peer
+   that stopped reading must not hold the close.
+
+At shutdown, an HTTP/1.1 connection now closes after the current response
+(or at once when idle), and an HTTP/2 connection sends GOAWAY and closes once
+no stream is active. A request still running keeps its connection open until
+the graceful deadline, which stays the upper bound. One visible change
+outside shutdown: ``keep_alive_timeout`` now applies after a response, as it
+is documented to, and an HTTP/2 connection it closes gets a GOAWAY.
+
+``pqmsg.hypercorn_patch`` replaces ``TCPServer._close``. These patches call
+``_close`` through the class and take ``send_lock`` like the other senders,
+so the two work in either order. ``apply()`` refuses any Hypercorn except the
+release this was written against, and any target function it does not
+recognise. Either case needs a human to read the code again.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from typing import Final, NamedTuple
+
+import trio
+from hypercorn.events import Closed, Event, Updated
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.trio.tcp_server import TCPServer
+
+__all__ = ["HYPERCORN_VERSION", "HypercornDrainError", "apply", "is_applied", "revert"]
+
+HYPERCORN_VERSION: Final = "0.18.0"
+# For shielded connection steps that never wait for the peer (starting or
+# stopping the idle task, shutting the socket): a bound, not a wait.
+CONNECTION_STEP_GRACE_S: Final = 1.0
+# How long closing an idle HTTP/2 connection waits to write its GOAWAY.
+GOAWAY_SEND_TIMEOUT_S: Final = 1.0
+
+# Hypercorn's own functions, captured at import so ``revert()`` can restore
+# them. Constants, not state: the only state is what the classes hold.
+_UPSTREAM_PROTOCOL_SEND: Final = TCPServer.protocol_send
+_UPSTREAM_INITIATE_SERVER_CLOSE: Final = TCPServer._initiate_server_close
+_UPSTREAM_H2_INITIATE: Final = H2Protocol.initiate
+_UPSTREAM_STREAM_SEND: Final = H2Protocol.stream_send
+_UPSTREAM_SEND_DATA: Final = H2Protocol._send_data
+
+
+class HypercornDrainError(RuntimeError):
+    """The installed Hypercorn is not the code this patch was written for."""
+
+
+async def _protocol_send(self: TCPServer, event: Event) -> None:
+    """``TCPServer.protocol_send``, with the connection's own steps shielded."""
+    if isinstance(event, Updated):
+        # Only restarts or stops the idle task.
+        with trio.move_on_after(CONNECTION_STEP_GRACE_S, shield=True):
+            await _UPSTREAM_PROTOCOL_SEND(self, event)
+    elif isinstance(event, Closed):
+        with trio.move_on_after(CONNECTION_STEP_GRACE_S, shield=True):
+            await self._close()
+        # Upstream's second step, unshielded: it can wait on an app's queue.
+        await self.protocol.handle(Closed())
+    else:
+        await _UPSTREAM_PROTOCOL_SEND(self, event)
+
+
+async def _initiate_server_close(self: TCPServer) -> None:
+    """``TCPServer._initiate_server_close``, with a GOAWAY first on HTTP/2."""
+    protocol = self.protocol.protocol
+    if isinstance(protocol, H2Protocol) and not protocol.closed:
+        protocol.connection.close_connection()
+        # Runs inside _idle_timeout's shield: this deadline is the only bound.
+        with trio.move_on_after(GOAWAY_SEND_TIMEOUT_S):
+            await _send_before_close(self, protocol.connection.data_to_send())
+    await _UPSTREAM_INITIATE_SERVER_CLOSE(self)
+
+
+async def _send_before_close(server: TCPServer, data: bytes) -> None:
+    """Write ``data`` under ``send_lock``, unshielded, ignoring a stream going away."""
+    async with server.send_lock:
+        try:
+            await server.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+            # Gone, or being closed by another task: the close follows anyway.
+            pass
+
+
+def _is_drained(protocol: H2Protocol) -> bool:
+    """No active stream, and every finished stream's last frame is written."""
+    # A finished stream leaves ``streams`` before send_task writes its
+    # END_STREAM and drops its buffer; open streams count through ``idle``.
+    return protocol.idle and all(
+        stream_id in protocol.streams for stream_id in protocol.stream_buffers
+    )
+
+
+async def _h2_initiate(
+    self: H2Protocol,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    settings: bytes | None = None,
+) -> None:
+    """``H2Protocol.initiate``, then report a connection with no stream idle."""
+    await _UPSTREAM_H2_INITIATE(self, headers, settings)
+    if _is_drained(self):
+        await self.send(Updated(idle=True))
+
+
+async def _stream_send(self: H2Protocol, event: StreamEvent) -> None:
+    """``H2Protocol.stream_send``; a closed stream no longer says GOAWAY itself."""
+    if isinstance(event, StreamClosed):
+        await self._close_stream(event.stream_id)
+        # If send_task still owes END_STREAM, it reports idle once written.
+        await self.send(Updated(idle=_is_drained(self)))
+    else:
+        await _UPSTREAM_STREAM_SEND(self, event)
+
+
+async def _send_data(self: H2Protocol, stream_id: int) -> None:
+    """``H2Protocol._send_data``; report idle after the last stream's last frame."""
+    await _UPSTREAM_SEND_DATA(self, stream_id)
+    if stream_id not in self.stream_buffers and not self.closed and _is_drained(self):
+        await self.send(Updated(idle=True))
+
+
+class _Target(NamedTuple):
+    """One replaced method, and what upstream's version must look like."""
+
+    owner: type
+    name: str
+    upstream: Callable[..., object]
+    replacement: Callable[..., object]
+    # Attribute names the upstream body uses, and so must still use.
+    uses: frozenset[str]
+
+
+_TARGETS: Final = (
+    _Target(
+        TCPServer,
+        "protocol_send",
+        _UPSTREAM_PROTOCOL_SEND,
+        _protocol_send,
+        frozenset({"send_all", "idle_task", "restart", "stop", "_close"}),
+    ),
+    _Target(
+        TCPServer,
+        "_initiate_server_close",
+        _UPSTREAM_INITIATE_SERVER_CLOSE,
+        _initiate_server_close,
+        frozenset({"handle", "aclose"}),
+    ),
+    _Target(
+        H2Protocol,
+        "initiate",
+        _UPSTREAM_H2_INITIATE,
+        _h2_initiate,
+        frozenset({"initiate_connection", "send_task"}),
+    ),
+    _Target(
+        H2Protocol,
+        "stream_send",
+        _UPSTREAM_STREAM_SEND,
+        _stream_send,
+        frozenset({"_close_stream", "terminated", "close_connection"}),
+    ),
+    _Target(
+        H2Protocol,
+        "_send_data",
+        _UPSTREAM_SEND_DATA,
+        _send_data,
+        frozenset({"end_stream", "stream_buffers", "remove_stream"}),
+    ),
+)
+
+
+def is_applied() -> bool:
+    """Return whether every target method is currently the patched version."""
+    return all(target.owner.__dict__[target.name] is target.replacement for target in _TARGETS)
+
+
+def apply() -> None:
+    """Install the fixes on Hypercorn's trio ``TCPServer`` and ``H2Protocol``. Idempotent.
+
+    Call once at start-up, before ``hypercorn.trio.serve``. The patches cover
+    every connection accepted afterwards.
+
+    Raises:
+        HypercornDrainError: if the installed Hypercorn is not
+            ``HYPERCORN_VERSION``, or if a target method is neither upstream's
+            function nor this patch (another patch, or changed code). Nothing
+            is patched then.
+    """
+    if is_applied():
+        return
+    installed = importlib.metadata.version("hypercorn")
+    if installed != HYPERCORN_VERSION:
+        raise HypercornDrainError(
+            f"pqmsg.hypercorn_drain targets hypercorn {HYPERCORN_VERSION}, found {installed}: "
+            "check whether shutdown still waits for idle keep-alive connections, "
+            "then update or drop the patch"
+        )
+    for target in _TARGETS:
+        current = target.owner.__dict__[target.name]
+        if current is not target.replacement and (
+            current is not target.upstream or not _is_upstream(target)
+        ):
+            raise HypercornDrainError(
+                f"{target.owner.__module__}.{target.owner.__qualname__}.{target.name} "
+                f"is not the function this patch replaces (found {current!r}); "
+                "refusing to patch"
+            )
+    for target in _TARGETS:
+        setattr(target.owner, target.name, target.replacement)
+
+
+def revert() -> None:
+    """Restore Hypercorn's own methods. Idempotent; for tests."""
+    for target in _TARGETS:
+        if target.owner.__dict__[target.name] is target.replacement:
+            setattr(target.owner, target.name, target.upstream)
+
+
+def _is_upstream(target: _Target) -> bool:
+    """Whether ``target.upstream`` looks like 0.18.0's method: same home, same calls."""
+    function = target.upstream
+    code = getattr(function, "__code__", None)
+    return (
+        getattr(function, "__module__", None) == target.owner.__module__
+        and getattr(function, "__qualname__", None) == f"{target.owner.__name__}.{target.name}"
+        and code is not None
+        and target.uses <= set(code.co_names)
+    )
