@@ -30,7 +30,7 @@ from typing import Any, cast
 import trio
 from hypercorn.config import Config, Sockets
 
-from pqmsg import hypercorn_patch
+from pqmsg import hypercorn_drain, hypercorn_patch
 from pqmsg.app import create_app
 from pqmsg.clock import WallClock, system_clock
 from pqmsg.http.inflight import InFlight
@@ -48,6 +48,12 @@ from pqmsg.settings import Settings
 log = logging.getLogger("pqmsg.server")
 
 ReadyCallback = Callable[[list[str]], Awaitable[None] | None]
+
+
+def apply_hypercorn_fixes() -> None:
+    """Hypercorn 0.18.0 fixes, each in its own module with its reasoning and tests."""
+    hypercorn_patch.apply()  # send_eof racing send_all ends serve() on client disconnects
+    hypercorn_drain.apply()  # idle connections and in-flight h2 responses at drain
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -156,7 +162,7 @@ async def serve(
     from hypercorn.utils import wrap_app
 
     settings.validate()
-    hypercorn_patch.apply()
+    apply_hypercorn_fixes()
     async with open_services(settings, clock=clock) as services:
         app = create_app(services)
         stop = trio.Event()

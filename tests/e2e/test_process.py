@@ -31,7 +31,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) 
             registered = trio.Event()
 
             async def long_poll() -> None:
-                async with Client(server.url, http2=False) as other:
+                async with Client(server.url) as other:
                     carol = await other.register()
                     registered.set()
                     result["messages"] = (await carol.receive(wait=20))[0]
@@ -45,7 +45,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) 
             # The parked poll was answered (empty) instead of being cut off.
             assert result["messages"] == []
             assert await server.process.wait() == 0
-            assert trio.current_time() - started < 10
+            assert trio.current_time() - started < 3  # idle connections close at once
             assert "received SIGTERM" in server.stderr()
 
         events = [json.loads(line) for f in sorted((data / "audit").glob("*.jsonl")) for line in f.read_text().splitlines()]
