@@ -295,7 +295,11 @@ async def open_websocket(
 async def _connect(
     url: httpx.URL, ssl_context: ssl.SSLContext | None, *, alpn: str
 ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    """TCP, and TLS for ``https://`` (ALPN ``alpn`` unless the context says otherwise)."""
+    """TCP, and TLS for ``https://``, where ALPN must select ``alpn``.
+
+    A caller's context must offer ``alpn``; mind that ``httpx`` sets its own
+    ALPN list on a context it is handed.
+    """
     tcp = await trio.open_tcp_stream(url.host, _port(url))
     if url.scheme != "https":
         return tcp
@@ -305,8 +309,11 @@ async def _connect(
     tls = trio.SSLStream(tcp, ssl_context, server_hostname=url.host, https_compatible=True)
     try:
         await tls.do_handshake()
+        selected = tls.selected_alpn_protocol()
+        if selected != alpn and not (selected is None and alpn == "http/1.1"):
+            raise StreamUnsupported(f"TLS selected {selected or 'no protocol'}, not {alpn}")
     except BaseException:
-        await trio.aclose_forcefully(tcp)
+        await trio.aclose_forcefully(tls)
         raise
     return tls
 
@@ -475,11 +482,7 @@ async def open_h2_transport(
     url: httpx.URL, headers: Mapping[str, str], ssl_context: ssl.SSLContext | None
 ) -> AsyncIterator[Transport]:
     """An RFC 8441 WebSocket to ``/v1/stream`` on a new HTTP/2 connection of its own."""
-    stream = await _connect(url, ssl_context, alpn="h2")
-    if isinstance(stream, trio.SSLStream) and stream.selected_alpn_protocol() != "h2":
-        await stream.aclose()
-        raise StreamUnsupported("the server did not negotiate HTTP/2")
-    ws = H2WebSocket(stream)
+    ws = H2WebSocket(await _connect(url, ssl_context, alpn="h2"))
     try:
         await ws.handshake(f"{url.host}:{_port(url)}", url.scheme, headers)
         yield ws

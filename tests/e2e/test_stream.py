@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -15,10 +16,17 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from pqmsg.client import Client, Device, ProblemResponse, sign_headers
-from pqmsg.client.stream import StreamClosed, open_h2_transport, open_stream, open_websocket
+from pqmsg.client.stream import (
+    StreamClosed,
+    StreamUnsupported,
+    open_h2_transport,
+    open_stream,
+    open_websocket,
+)
 from pqmsg.protocol.b64 import b64encode
 from pqmsg.settings import Settings
 from tests.support.postgres import create_throwaway_database, drop_throwaway_database
@@ -387,6 +395,32 @@ async def test_open_streams_are_bounded(tmp_path: Path) -> None:
                 pass
     assert (full.value.status, full.value.reason) == (503, "overloaded")
     assert int(full.value.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("http2", TRANSPORTS)
+async def test_streams_over_tls_negotiate_the_protocol_by_alpn(tmp_path: Path, http2: bool) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    settings = make_settings(tmp_path / "data", http__certfile=certfile, http__keyfile=keyfile)
+    context, streams = ssl.create_default_context(), ssl.create_default_context()
+    ca.configure_trust(context)
+    ca.configure_trust(streams)
+    streams.set_alpn_protocols(["h2" if http2 else "http/1.1"])  # httpx sets its own on context
+    with trio.fail_after(30):
+        async with running_server(settings) as server, Client(server.url, verify=context) as client:
+            alice, bob = await pair(client)
+            await alice.send(bob.account, {1: b"over TLS"})
+            async with open_stream(bob, http2=http2, ssl_context=streams) as stream:
+                message = await stream.receive()
+            streams.set_alpn_protocols(["http/1.1" if http2 else "h2"])
+            with pytest.raises(StreamUnsupported):
+                async with open_stream(bob, http2=http2, ssl_context=streams):
+                    pass
+    assert server.url.startswith("https://")
+    assert message.ciphertext == b"over TLS"
 
 
 @pytest.fixture
