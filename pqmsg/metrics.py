@@ -46,7 +46,9 @@ class StatisticsCollector(Collector):
         stats = view.services
         yield _gauge("pqmsg_http_in_flight_requests", "Requests being served now.", view.in_flight)
         yield _gauge("pqmsg_http_in_flight_limit", "Requests served at once before 503.", view.in_flight_limit)
-        yield _gauge("pqmsg_long_polls_waiting", "Long polls and streams parked on new messages.", view.long_polls)
+        yield _gauge("pqmsg_long_polls_waiting", "Long polls parked on new messages.", view.long_polls)
+        notifier = stats.get("notifier")
+        yield _gauge("pqmsg_streams_open", "Open WebSocket streams.", notifier.streams if notifier else 0)
         yield CounterMetricFamily(
             "pqmsg_event_loop_slow_steps", "Task steps that held the event loop over 10 ms.",
             value=view.loop.slow_steps,

@@ -64,8 +64,15 @@ class Notifier(HasStatistics, Protocol):
     def publish(self, account: str, device: int) -> None:
         """Wake everything waiting on that device's queue (here and on other replicas)."""
 
-    def subscribe(self, account: str, device: int) -> Any:
-        """A context manager yielding an object with ``async wait()``."""
+    def subscribe(self, account: str, device: int, *, stream: bool = False) -> Any:
+        """A context manager yielding an object with ``async wait()``.
+
+        A stream subscription replaces the device's older stream (closed as
+        ``replaced``); push skips devices that have one.
+        """
+
+    def has_stream(self, account: str, device: int) -> bool:
+        """Whether the device has an open stream on this replica."""
 
     def close_device(self, account: str, device: int) -> None:
         """End that device's waits and streams (revocation, deletion)."""

@@ -324,7 +324,7 @@ ENVIRONMENT: dict[str, tuple[str, _Parse, str]] = {
     "PQMSG_CERTFILE": ("http.certfile", Path, "TLS certificate chain (PEM); enables TLS"),
     "PQMSG_KEYFILE": ("http.keyfile", Path, "TLS private key (PEM)"),
     "PQMSG_MAX_IN_FLIGHT": ("http.max_in_flight", _positive_int, "requests served at once before 503"),
-    "PQMSG_MAX_LONG_POLLS": ("http.max_long_polls", _positive_int, "parked long polls and streams at once"),
+    "PQMSG_MAX_LONG_POLLS": ("http.max_long_polls", _positive_int, "parked long polls at once"),
     "PQMSG_GRACE_PERIOD_S": ("http.grace_period_s", _positive_float, "shutdown drain deadline"),
     "PQMSG_KEEP_ALIVE_S": ("http.keep_alive_s", _positive_float, "idle connection timeout"),
     "PQMSG_WORKERS": ("http.workers", _positive_int, "worker processes (pqmsg serve --workers)"),

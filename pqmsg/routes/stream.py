@@ -448,4 +448,4 @@ def _parse_frame(data: str) -> dict[str, Any]:
 
 
 def _is_uuid(value: object) -> bool:
-    return isinstance(value, str) and UUID_RE.match(value) is not None
+    return isinstance(value, str) and UUID_RE.fullmatch(value) is not None
