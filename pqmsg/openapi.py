@@ -280,14 +280,31 @@ After the upgrade the server sends each queued and each new message as a JSON te
 frame `{"type": "message", "id", "sender": {"account", "device"}, "ciphertext",
 "pq_epoch", "server_ts"}` (schema `StreamMessageFrame`). The client acknowledges with
 `{"type": "ack", "ids": [...]}` (schema `StreamAckFrame`); unacknowledged messages are
-delivered again. A device with an open stream gets no push. The server closes the
-stream when the device is revoked or the account deleted."""
+delivered again. The server answers each ack frame, once the acknowledgement is
+committed, with `{"type": "acked", "acked": n}`; it sends `{"type": "ping"}` every
+`PQMSG_STREAM_PING_INTERVAL_S` (the client may answer `{"type": "pong"}`; any frame from
+the client counts as a sign of life). At most `PQMSG_STREAM_MAX_UNACKED` messages (and
+about `PQMSG_STREAM_MAX_UNACKED_BYTES`) are in flight unacknowledged per stream. A device
+with an open stream gets no push; a newer stream of the same device replaces the older.
+
+The upgrade is refused with problem+json before any WebSocket exists: 400 `bad_query`
+(the stream takes no query parameters), 401 with the authentication reason, 503
+`overloaded` (stream limit reached, or the server is draining).
+
+Close codes: 1001 `going_away` (server draining), 1003 `unsupported` (binary frame),
+1008 `bad_frame` (malformed frame), 1009 `too_big` (frame over 64 KiB), 1011
+`internal_error`, 1013 `unavailable` (storage unavailable), 4001 `revoked` (device
+revoked or account deleted), 4002 `replaced` (a newer stream of this device), 4003
+`slow_consumer` (window held full past `PQMSG_STREAM_ACK_TIMEOUT_S`), 4004
+`idle_timeout` (nothing from the client for `PQMSG_STREAM_IDLE_TIMEOUT_S`).
+Unacknowledged messages stay queued whatever the close."""
 
 
 def _stream_paths() -> dict[str, Any]:
     upgraded = empty_response("Switching Protocols: the WebSocket is open.")
     return {"/v1/stream": {"get": _operation(
-        "openStream", "Receive messages over a WebSocket", "stream", {"101": upgraded},
+        "openStream", "Receive messages over a WebSocket", "stream",
+        {"101": upgraded, **_problem_responses(400, 401, 503)},
         description=STREAM_DESCRIPTION,
     )}}
 
