@@ -267,18 +267,6 @@ async def test_unknown_routes_and_methods_are_problems(world: World) -> None:
 # -- bugs: each test states the behaviour the contract asks for ---------------------
 
 
-HYPERCORN_H2_CRASH = (
-    "Hypercorn 0.18.0 runs this in the HTTP/2 connection's own task, where an exception "
-    "escapes to serve() and ends the whole server: "
-)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=HYPERCORN_H2_CRASH + "H2Protocol._handle_events looks up self.streams[id] for "
-    "DataReceived without the KeyError guard StreamEnded has, so the client's DATA frames after "
-    "the early 413 raise KeyError (upstream: pgjones/hypercorn issue 329, PRs 312 and 334)",
-)
 async def test_oversized_body_over_http2_is_413_and_the_server_lives_on(settings: Settings) -> None:
     with trio.fail_after(30):
         async with running_server(settings) as server, Client(server.url) as client:
@@ -293,12 +281,6 @@ async def test_oversized_body_over_http2_is_413_and_the_server_lives_on(settings
             assert [d["device"] for d in await alice.list_devices()] == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=HYPERCORN_H2_CRASH + "HTTPStream.handle (hypercorn/protocol/http_stream.py:93) decodes "
-    "the :path as ASCII, and a byte over 0x7F raises UnicodeDecodeError. HTTP/1.1 is safe: h11 "
-    "refuses such a target with a 400 first",
-)
 async def test_a_request_target_that_is_not_ascii_is_refused_and_the_server_lives_on(
     settings: Settings,
 ) -> None:
