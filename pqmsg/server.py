@@ -30,7 +30,7 @@ from typing import Any, cast
 import trio
 from hypercorn.config import Config, Sockets
 
-from pqmsg import hypercorn_drain, hypercorn_patch
+from pqmsg import hypercorn_drain, hypercorn_h2_errors, hypercorn_patch
 from pqmsg.app import create_app
 from pqmsg.clock import WallClock, system_clock
 from pqmsg.http.inflight import InFlight
@@ -54,6 +54,7 @@ def apply_hypercorn_fixes() -> None:
     """Hypercorn 0.18.0 fixes, each in its own module with its reasoning and tests."""
     hypercorn_patch.apply()  # send_eof racing send_all ends serve() on client disconnects
     hypercorn_drain.apply()  # idle connections and in-flight h2 responses at drain
+    hypercorn_h2_errors.apply()  # request input that ended serve() instead of one stream
 
 
 def hypercorn_config(settings: Settings) -> Config:
