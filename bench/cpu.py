@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - the bench extra brings it
 LAG_TICK_S = 0.02
 LOOP_SATURATED_PCT = 85.0
 LAG_SATURATED_MS = 50.0
+OTHERS_NOISY_PCT = 25.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,6 +56,14 @@ class CpuSample:
     main: float
     signers: float
     server: float
+    machine: float  # busy seconds of every process on the machine (0.0 without psutil)
+
+
+def _machine_busy_s() -> float:
+    if psutil is None:
+        return 0.0
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 def sample(server_pids: Sequence[int]) -> CpuSample:
@@ -64,7 +73,7 @@ def sample(server_pids: Sequence[int]) -> CpuSample:
     server = sum(_proc_cpu_s(p, children=True) for p in server_pids)
     everything = _proc_cpu_s(me, children=True)
     spawned = sum(_proc_cpu_s(p, children=True) for p in server_pids if _is_descendant(p, me))
-    return CpuSample(trio.current_time(), main, everything - main - spawned, server)
+    return CpuSample(trio.current_time(), main, everything - main - spawned, server, _machine_busy_s())
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:
@@ -96,6 +105,9 @@ class LoopLag:
 def usage(first: CpuSample, last: CpuSample, lag: LoopLag) -> dict[str, float | int | None]:
     wall = last.wall - first.wall
     pct = (lambda a, b: round(100 * (b - a) / wall, 1)) if wall > 0 else (lambda a, b: 0.0)
+    machine = pct(first.machine, last.machine)
+    own = pct(first.main, last.main) + pct(first.signers, last.signers)
+    own += pct(first.server, last.server) if last.server else 0.0
     return {
         "cores": os.cpu_count() or 1,
         "harness_loop_pct": pct(first.main, last.main),
@@ -103,6 +115,8 @@ def usage(first: CpuSample, last: CpuSample, lag: LoopLag) -> dict[str, float | 
         "server_pct": pct(first.server, last.server) if last.server else None,
         "server_cpu_s": round(last.server - first.server, 3) if last.server else None,
         "loop_lag_p99_ms": lag.p99_ms(),
+        # Everything else running on the machine meanwhile (other users' tests, databases):
+        "others_pct": round(max(0.0, machine - own), 1),
     }
 
 
@@ -122,6 +136,12 @@ def warnings(cpu: dict[str, float | int | None], *, open_loop_shortfall: bool) -
         out.append(
             f"the machine is saturated ({total:.0f}% of {cores * 100}%): harness and server "
             "compete for the cores"
+        )
+    others = float(cpu.get("others_pct") or 0)
+    if others >= OTHERS_NOISY_PCT:
+        out.append(
+            f"other processes used {others:.0f}% CPU during the window (databases included): "
+            "the figures are disturbed, compare with care"
         )
     if open_loop_shortfall:
         out.append("open loop fell short of its rate: arrivals were dropped at the concurrency cap")

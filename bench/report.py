@@ -39,7 +39,8 @@ def print_result(result: dict[str, Any]) -> None:
     server = "-" if cpu["server_pct"] is None else f"{cpu['server_pct']}%"
     print(
         f"cpu: harness loop {cpu['harness_loop_pct']}%, signers {cpu['harness_signers_pct']}%, "
-        f"server {server} (of {cpu['cores'] * 100}%); loop lag p99 {cpu['loop_lag_p99_ms']} ms; "
+        f"server {server}, others {cpu.get('others_pct')}% (of {cpu['cores'] * 100}%); "
+        f"loop lag p99 {cpu['loop_lag_p99_ms']} ms; "
         f"signed in window {result['signing']['signed_in_window']}, starved {result['signing']['starved']}"
     )
     for warning in result["warnings"]:

@@ -30,7 +30,7 @@ PRESIGN_MARGIN = 1.15
 QUEUE_CONCURRENCY = 16
 # Closed loop has no known rate: pre-sign for this many operations a second,
 # and let the background refill (counted and reported) cover the rest.
-CLOSED_LOOP_PRESIGN_RPS = 900.0
+CLOSED_LOOP_PRESIGN_RPS = 400.0
 
 
 async def population(opts: Options, url: str, *, fake: bool) -> list[Credentials]:
