@@ -31,6 +31,7 @@ import trio
 from hypercorn.config import Config, Sockets
 
 from pqmsg import hypercorn_drain, hypercorn_h2_errors, hypercorn_patch
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.app import create_app
 from pqmsg.clock import WallClock, system_clock
 from pqmsg.http.inflight import InFlight
@@ -80,9 +81,8 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
     async with AsyncExitStack() as stack:
         redis = None
         if settings.uses_postgres or settings.limits.redis_url:
-            import trio_asyncio
 
-            await stack.enter_async_context(trio_asyncio.open_loop())
+            await stack.enter_async_context(open_aio_loop())
         if settings.limits.redis_url:
             from pqmsg.redisconn import open_redis
 

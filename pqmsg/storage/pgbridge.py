@@ -53,6 +53,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # The server aborted the transaction to break a deadlock or a
     # serialization conflict: nothing was changed and a retry may succeed.
     asyncpg.exceptions.TransactionRollbackError,
+    # A connection the server killed while asyncpg was between two protocol
+    # states ("cannot switch to state ...; another operation is in progress").
+    asyncpg.exceptions._base.InternalClientError,
 )
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0

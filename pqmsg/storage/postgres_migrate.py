@@ -13,6 +13,7 @@ import logging
 
 import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.settings import StorageSettings
 from pqmsg.storage.migrate import Migration, load_migrations, pending
 from pqmsg.storage.pgbridge import PgConnection, PgPool, open_pg_pool
@@ -77,7 +78,7 @@ async def migrate_postgres(settings: StorageSettings) -> int:
     if settings.database_url is None:
         raise ValueError("migrate_postgres needs a postgresql:// database URL")
     if trio_asyncio.current_loop.get() is None:
-        async with trio_asyncio.open_loop():
+        async with open_aio_loop():
             return await migrate_postgres(settings)
     async with open_pg_pool(
         settings.database_url,

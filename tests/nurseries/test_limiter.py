@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import attrs
 import pytest
 import trio
-import trio_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import RateLimited
 from pqmsg.limits.bucket import EPSILON_S, take
 from pqmsg.limits.memory import SWEEP_INTERVAL_S
@@ -197,7 +197,7 @@ def test_no_window_admits_more_than_burst_plus_refill(
 
 @pytest.fixture
 async def redis() -> AsyncIterator[RedisClient]:
-    async with trio_asyncio.open_loop(), open_redis(SHARED_REDIS_URL, timeout_s=2.0) as client:
+    async with open_aio_loop(), open_redis(SHARED_REDIS_URL, timeout_s=2.0) as client:
         yield client
 
 

@@ -12,8 +12,8 @@ from functools import partial
 import attrs
 import pytest
 import trio
-import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import RateLimited, Unavailable
 from pqmsg.nurseries.limiter import RateLimiter, open_rate_limiter
 from pqmsg.nurseries.replay import ReplayCache, open_replay_cache
@@ -44,7 +44,7 @@ async def private_redis() -> AsyncIterator[RedisServer]:
 @pytest.fixture
 async def redis(private_redis: RedisServer) -> AsyncIterator[RedisClient]:
     async with (
-        trio_asyncio.open_loop(),
+        open_aio_loop(),
         open_redis(private_redis.url, timeout_s=REDIS_TIMEOUT_S) as client,
     ):
         yield client
@@ -182,7 +182,7 @@ async def test_services_start_while_redis_is_down(private_redis: RedisServer) ->
     with trio.fail_after(TEST_TIMEOUT_S):
         await private_redis.stop()
         async with (
-            trio_asyncio.open_loop(),
+            open_aio_loop(),
             open_redis(private_redis.url, timeout_s=REDIS_TIMEOUT_S) as redis,
             open_rate_limiter(LIMITS, redis=redis, probe_interval_s=3600) as limiter,
             open_replay_cache(SETTINGS, redis=redis, probe_interval_s=3600) as cache,

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import attrs
 import pytest
 import trio
-import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.nurseries.replay import PRUNE_INTERVAL_S, ReplayCache, open_replay_cache
 from pqmsg.redisconn import RedisClient, open_redis
 from pqmsg.settings import AuthSettings, LimitSettings, Settings
@@ -125,7 +125,7 @@ async def test_closing_stops_the_pruner(autojump_clock: object) -> None:
 
 @pytest.fixture
 async def redis() -> AsyncIterator[RedisClient]:
-    async with trio_asyncio.open_loop(), open_redis(SHARED_REDIS_URL, timeout_s=2.0) as client:
+    async with open_aio_loop(), open_redis(SHARED_REDIS_URL, timeout_s=2.0) as client:
         yield client
 
 

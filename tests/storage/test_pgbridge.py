@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import StorageUnavailable
 from pqmsg.storage.pgbridge import PgPool, open_pg_pool
 from tests.support.postgres import (
@@ -55,7 +56,7 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture
 async def aio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
-    async with trio_asyncio.open_loop() as loop:
+    async with open_aio_loop() as loop:
         yield loop
 
 

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.nurseries.notify import DeviceClosed, WakeKind, open_notifier
 from pqmsg.storage.pgbus import CHANNEL, PgBus, open_pg_bus
 from tests.support.postgres import (
@@ -56,7 +57,7 @@ class Replica:
 
 @pytest.fixture
 async def replicas(url: str) -> AsyncIterator[tuple[Replica, Replica]]:
-    async with trio_asyncio.open_loop(), AsyncExitStack() as stack:
+    async with open_aio_loop(), AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         pair = []
         with trio.fail_after(DEADLINE_S):
@@ -123,7 +124,7 @@ async def test_listener_reconnects_after_losing_its_connection(
 
 
 async def test_notifiers_wake_waiters_across_replicas(url: str) -> None:
-    async with trio_asyncio.open_loop():
+    async with open_aio_loop():
         with trio.fail_after(DEADLINE_S):
             async with (
                 open_pg_bus(url) as bus_a,

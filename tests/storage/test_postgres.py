@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import DeviceMismatch, Forbidden, StorageUnavailable
 from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import Bundle, KeyUpload, Sender
@@ -85,7 +86,7 @@ async def _empty(url: str) -> None:
 
 @pytest.fixture
 async def storage(migrated_url: str) -> AsyncIterator[PostgresStorage]:
-    async with trio_asyncio.open_loop(), AsyncExitStack() as stack:
+    async with open_aio_loop(), AsyncExitStack() as stack:
         with trio.fail_after(DEADLINE_S):
             await _empty(migrated_url)
             db = await stack.enter_async_context(open_postgres_storage(pg_settings(migrated_url)))
@@ -109,7 +110,7 @@ async def _recorded_versions(url: str) -> list[int]:
 
 async def test_open_migrates_a_fresh_database_once(fresh_url: str, now: float) -> None:
     every = [m.version for m in load_migrations("postgres")]
-    async with trio_asyncio.open_loop():
+    async with open_aio_loop():
         with trio.fail_after(DEADLINE_S):
             async with open_postgres_storage(pg_settings(fresh_url)) as db:
                 account = await make_account(db, now)
@@ -127,7 +128,7 @@ async def test_replicas_starting_together_migrate_once(fresh_url: str) -> None:
     async def replica() -> None:
         applied.append(await migrate_postgres(pg_settings(fresh_url)))
 
-    async with trio_asyncio.open_loop():
+    async with open_aio_loop():
         with trio.fail_after(DEADLINE_S):
             async with trio.open_nursery() as nursery:
                 for _ in range(4):
@@ -258,7 +259,7 @@ async def test_pool_statistics_show_a_blocked_call(
 
 
 async def test_call_past_the_query_deadline_is_unavailable(migrated_url: str, now: float) -> None:
-    async with trio_asyncio.open_loop():
+    async with open_aio_loop():
         with trio.fail_after(DEADLINE_S):
             await _empty(migrated_url)
             settings = pg_settings(migrated_url, query_timeout_s=0.5)

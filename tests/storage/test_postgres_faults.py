@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import StorageUnavailable
 from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import Sender
@@ -35,7 +36,7 @@ FAIL_FAST_S = 2.0  # a call while the server is down must fail within this
 
 async def _cluster(url: str) -> list[str]:
     """``pg_ctlcluster VERSION NAME``, from the server's own ``cluster_name``."""
-    async with trio_asyncio.open_loop(), raw_connection(url) as con:
+    async with open_aio_loop(), raw_connection(url) as con:
         name = await trio_asyncio.aio_as_trio(con.fetchval)("SHOW cluster_name")
     version, _, cluster = str(name).partition("/")
     if not (version.isdigit() and cluster):
@@ -67,7 +68,7 @@ async def storage(url: str) -> AsyncIterator[PostgresStorage]:
     settings = StorageSettings(
         database_url=url, pool_min_size=2, pool_max_size=4, query_timeout_s=FAIL_FAST_S
     )
-    async with trio_asyncio.open_loop(), AsyncExitStack() as stack:
+    async with open_aio_loop(), AsyncExitStack() as stack:
         with trio.fail_after(DEADLINE_S):
             db = await stack.enter_async_context(open_postgres_storage(settings))
         yield db

@@ -17,6 +17,8 @@ import asyncpg
 import trio
 import trio_asyncio
 
+from pqmsg.aioloop import open_aio_loop
+
 ADMIN_URL = os.environ.get(
     "PQMSG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -30,7 +32,7 @@ def database_url(name: str) -> str:
 
 
 async def _admin(statement: str) -> None:
-    async with trio_asyncio.open_loop():
+    async with open_aio_loop():
         with trio.fail_after(ADMIN_DEADLINE_S):
             con = await trio_asyncio.aio_as_trio(asyncpg.connect)(ADMIN_URL)
             try:
