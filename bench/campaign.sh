@@ -19,6 +19,7 @@ run() {  # run NAME ARGS...: RUNS runs of one configuration
   local name=$1; shift
   for i in $(seq 1 "$RUNS"); do
     if [[ " $* " == *" --database-url "* ]]; then reset_pg; fi
+    python -m bench.quiet --below "${QUIET_BELOW:-40}" --max-wait "${QUIET_WAIT_S:-90}" >&2
     echo "== $name #$i: $*" >&2
     $B "$@" --json "$OUT/$name-$i.json" > "$OUT/$name-$i.txt" 2>&1 || echo "run $name-$i exited $?" >&2
   done
@@ -46,6 +47,9 @@ for group in "$@"; do
                --database-url $PG --redis-url $REDIS ;;
     backlog1m-pg) run backlog1m-pg --scenario backlog --duration 10 --concurrency 4 --accounts 20 --prefill 1000000 \
                --database-url $PG --redis-url $REDIS ;;
+    harness-httpx) run harness-httpx --scenario send --duration 15 --concurrency 32 --connections 2 --baseline \
+               --client httpx --huffman ;;
+    harness-lean) run harness-lean --scenario send --duration 15 --concurrency 32 --connections 2 --baseline ;;
     polls1k) run polls1k --idle-polls 1000 --accounts 50 ;;
     polls10k) run polls10k --idle-polls 10000 --accounts 100 ;;
     *) echo "unknown group $group" >&2; exit 2 ;;

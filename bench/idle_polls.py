@@ -1,14 +1,15 @@
 """Server memory while it holds many idle long polls.
 
-Each poll is one raw HTTP/1.1 connection carrying one pre-signed
+Each poll is one raw HTTP/1.1 connection carrying a pre-signed
 ``GET /v1/messages?limit=1&wait=30`` for a device with an empty queue, so
-the harness holds thousands of them for the cost of a socket each. The
-polls are opened in paced batches (every request is admitted before it
-parks, and admission is bounded), the server's ``pqmsg_long_polls_waiting``
-gauge says how many are parked, and the server's RSS (its process and its
-workers, from /proc via psutil) is read before and after. Everything
-happens well inside the 30 s wait, so no poll returns during the reading.
-Run it against a single-worker server: each worker has its own gauge.
+the harness holds thousands of them for the cost of a socket and a small
+task each; when a poll's wait ends the connection renews it with the next
+pre-signed request (keep-alive), as a client would. The polls are opened
+in paced batches (every request is admitted before it parks, and admission
+is bounded); the server's ``pqmsg_long_polls_waiting`` gauge says how many
+are parked, and the server's RSS (its process and its workers, from /proc
+via psutil) is read before opening and again at the highest parked count
+seen. Run it against a single-worker server: each worker has its own gauge.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 import httpx
 import trio
 
@@ -26,12 +28,23 @@ from bench.run import population
 from bench.signer import Signed, SignerPool, Spec
 
 WAIT_S = 30
+REQUESTS_PER_POLL = 3  # the first poll and two renewals: the run lasts under 90 s
 BATCH = 100
 BATCH_PAUSE_S = 0.05
 MAX_BACKLOG = 150  # opened but not yet parked: stay well under the in-flight limit
 SETTLE_S = 2.0
-OPEN_DEADLINE_S = 20.0
+OPEN_DEADLINE_S = 75.0
+WATCH_S = 10.0
+CLOSE_GRACE_S = 10.0
 _GAUGE = re.compile(rb"^pqmsg_long_polls_waiting (\S+)$", re.MULTILINE)
+_LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.MULTILINE | re.IGNORECASE)
+
+
+@attrs.define
+class Counters:
+    answered: int = 0
+    broken: int = 0
+    statuses: dict[int, int] = attrs.Factory(dict)
 
 
 def rss_bytes(pids: Sequence[int]) -> int:
@@ -53,6 +66,37 @@ async def parked(http: httpx.AsyncClient) -> int:
     return int(float(found.group(1))) if found else -1
 
 
+async def hold(stream: trio.SocketStream, requests: list[bytes], counters: Counters) -> None:
+    """Keep one long poll open on ``stream``: when it answers (after its wait), renew it."""
+    try:
+        await _hold(stream, requests, counters)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        counters.broken += 1
+
+
+async def _hold(stream: trio.SocketStream, requests: list[bytes], counters: Counters) -> None:
+    buffer = b""
+    for raw in requests:
+        await stream.send_all(raw)
+        while b"\r\n\r\n" not in buffer:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        found = _LENGTH.search(head)
+        length = int(found.group(1)) if found else 0
+        while len(buffer) < length:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+        buffer = buffer[length:]
+        status = int(head.split(b" ", 2)[1])
+        counters.answered += 1
+        counters.statuses[status] = counters.statuses.get(status, 0) + 1
+
+
 def raw_request(signed: Signed, host: str) -> bytes:
     lines = [f"GET {signed.target} HTTP/1.1", f"Host: {host}"]
     lines += [f"{k}: {v}" for k, v in signed.headers]
@@ -69,45 +113,54 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
     try:
         specs = [
             Spec("poll", i % len(creds), "GET", "/v1/messages", f"limit=1&wait={WAIT_S}", b"")
-            for i in range(opts.idle_polls)
+            for i in range(opts.idle_polls * REQUESTS_PER_POLL)
         ]
         started = trio.current_time()
         signed = await pool.sign(specs)
         sign_s = trio.current_time() - started
     finally:
         pool.close()
-    requests = [raw_request(s, f"{host}:{port}") for s in signed]
+    raws = [raw_request(s, f"{host}:{port}") for s in signed]
+    per_poll = [raws[i :: opts.idle_polls] for i in range(opts.idle_polls)]
     streams: list[trio.SocketStream] = []
-    async with httpx.AsyncClient(base_url=url) as http:
+    counters = Counters()
+    peak = (0, 0)  # (parked, rss) at the highest parked count seen
+    async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as holders:
         await trio.sleep(SETTLE_S)
         before = rss_bytes(pids)
         opened_at = trio.current_time()
-        try:
-            with trio.move_on_after(OPEN_DEADLINE_S):
-                for i in range(0, len(requests), BATCH):
-                    for raw in requests[i : i + BATCH]:
-                        stream = await trio.open_tcp_stream(host, port)
-                        streams.append(stream)
-                        await stream.send_all(raw)
+        with trio.move_on_after(OPEN_DEADLINE_S):
+            for i in range(0, opts.idle_polls, BATCH):
+                for requests in per_poll[i : i + BATCH]:
+                    stream = await trio.open_tcp_stream(host, port)
+                    streams.append(stream)
+                    holders.start_soon(hold, stream, requests, counters)
+                await trio.sleep(BATCH_PAUSE_S)
+                # The server's gauge is the only signal that polls are parked: poll it.
+                while len(streams) - await parked(http) > MAX_BACKLOG:  # noqa: ASYNC110
                     await trio.sleep(BATCH_PAUSE_S)
-                    # The server's gauge is the only signal that polls are parked: poll it.
-                    while len(streams) - await parked(http) > MAX_BACKLOG:  # noqa: ASYNC110
-                        await trio.sleep(BATCH_PAUSE_S)
-                while await parked(http) < len(streams):  # noqa: ASYNC110
-                    await trio.sleep(BATCH_PAUSE_S)
-            open_s = trio.current_time() - opened_at
-            await trio.sleep(SETTLE_S)
-            waiting = await parked(http)
-            after = rss_bytes(pids)
-        finally:
-            for stream in streams:
-                with trio.move_on_after(1, shield=True):
-                    await stream.aclose()
+        open_s = trio.current_time() - opened_at
+        with trio.move_on_after(WATCH_S):
+            while True:
+                waiting = await parked(http)
+                if waiting > peak[0]:
+                    peak = (waiting, rss_bytes(pids))
+                if waiting >= opts.idle_polls:
+                    break
+                await trio.sleep(1.0)
+        holders.cancel_scope.cancel()
+    with trio.move_on_after(CLOSE_GRACE_S, shield=True):
+        for stream in streams:
+            await stream.aclose()
+    waiting, after = peak
     result = {
         "mode": "idle_polls",
         "target": "pqmsg",
         "polls_requested": opts.idle_polls,
         "connections_opened": len(streams),
+        "answers": counters.answered,
+        "broken_connections": counters.broken,
+        "answer_statuses": {str(k): v for k, v in sorted(counters.statuses.items())},
         "polls_parked": waiting,
         "open_s": round(open_s, 2),
         "presign_s": round(sign_s, 2),

@@ -33,6 +33,13 @@ def _ops_rps(result: dict[str, Any]) -> float:
     return sum(eps.get(k, {}).get("throughput_rps", 0.0) for k in ("send", "bundle", "fetch"))
 
 
+def _cost_ratio(result: dict[str, Any]) -> float | None:
+    """Server CPU per request of the floor over the server's: steadier than rps on a busy machine."""
+    floor = _get("baseline", "server_cpu_ms_per_request")(result)
+    mine = result.get("server_cpu_ms_per_request")
+    return round(floor / mine, 3) if floor and mine else None
+
+
 FIGURES: dict[str, Getter] = {
     "send rps": _get("endpoints", "send", "throughput_rps"),
     "send p50 ms": _get("endpoints", "send", "latency_ms", "p50"),
@@ -57,6 +64,8 @@ FIGURES: dict[str, Getter] = {
     "server cpu %": _get("cpu", "server_pct"),
     "server cpu ms/request": _get("server_cpu_ms_per_request"),
     "others cpu %": _get("cpu", "others_pct"),
+    "baseline server cpu ms/request": _get("baseline", "server_cpu_ms_per_request"),
+    "cpu cost ratio (floor ms / server ms)": _cost_ratio,
     "baseline harness loop %": _get("baseline", "cpu", "harness_loop_pct"),
     "baseline server cpu %": _get("baseline", "cpu", "server_pct"),
     "errors": lambda r: sum(sum(s["errors"].values()) for s in r.get("endpoints", {}).values()),

@@ -24,12 +24,12 @@ T = TypeVar("T")
 
 
 async def retrying(call: Callable[[], Awaitable[T]]) -> T:
-    """``call()``, again after ``Retry-After`` while the answer is 429 or 503."""
+    """``call()``, again after ``Retry-After`` while the answer is 408, 429 or 503."""
     for _ in range(MAX_RETRIES):
         try:
             return await call()
         except ProblemResponse as exc:
-            if exc.status not in (429, 503):
+            if exc.status not in (408, 429, 503):  # 408: a body stalled (seen once under load)
                 raise
             await trio.sleep(float(exc.headers.get("retry-after", "1")))
     raise RuntimeError(f"still rate limited after {MAX_RETRIES} tries")
