@@ -64,12 +64,13 @@ def write_plot(path: Path, result: dict[str, Any]) -> bool:
     rows = result["timeline"]
     names = sorted({r["endpoint"] for r in rows})
     fig, (ax_lat, ax_rps) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for name in names:
+    for k, name in enumerate(names):
         mine = [r for r in rows if r["endpoint"] == name]
         t = [r["t_s"] for r in mine]
-        ax_lat.plot(t, [r["p95_ms"] for r in mine], label=f"{name} p95")
-        ax_lat.plot(t, [r["p50_ms"] for r in mine], linestyle="--", label=f"{name} p50")
-        ax_rps.plot(t, [r["ok"] for r in mine], label=name)
+        color = f"C{k}"  # one colour per endpoint: p95 solid, p50 dashed
+        ax_lat.plot(t, [r["p95_ms"] for r in mine], color=color, label=f"{name} p95")
+        ax_lat.plot(t, [r["p50_ms"] for r in mine], color=color, linestyle="--", label=f"{name} p50")
+        ax_rps.plot(t, [r["ok"] for r in mine], color=color, label=name)
     ax_lat.set_ylabel("latency (ms)")
     ax_lat.set_yscale("log")
     ax_lat.legend(fontsize="small", ncol=2)

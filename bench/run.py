@@ -54,8 +54,11 @@ async def presign(work: Workload, opts: Options) -> None:
     for kind, queue in work.queues.items():
         await queue.fill(math.ceil(ops * opts.mix[kind] / total_weight))
     if work.poll_queues:
-        # A poller re-polls after each batch: at most one poll per send it receives.
-        per_poller = min(ops // len(work.poll_queues) + 4, int(opts.duration_s * 20) + 8)
+        # A poller re-polls after each batch it receives (at most one per send),
+        # and at least every poll_wait_s.
+        per_send = ops // len(work.poll_queues) + 8
+        per_wait = int((opts.duration_s + opts.warmup_s) / max(1, opts.poll_wait_s)) + 8
+        per_poller = min(max(per_send, per_wait), int(opts.duration_s * 20) + 8)
         for queue in work.poll_queues:
             await queue.fill(per_poller)
 

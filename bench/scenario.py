@@ -32,6 +32,8 @@ from pqmsg.protocol.b64 import b64encode
 TAG_BYTES = 8
 NO_TAG = 0  # messages queued by --prefill or --queue-depth carry no timing
 SIGN_LOW_WATER_PER_PROCESS = 16
+POLL_LOW_WATER = 4  # per poller: one device's polls, refilled a few at a time
+POLL_REFILL = 16
 
 
 @attrs.define
@@ -95,7 +97,7 @@ class Workload:
             kind: RequestQueue(pool, self._maker(kind), low_water=low) for kind in set(self._cycle)
         }
         self.poll_queues = [
-            RequestQueue(pool, self._poll_maker(j), low_water=SIGN_LOW_WATER_PER_PROCESS)
+            RequestQueue(pool, self._poll_maker(j), low_water=POLL_LOW_WATER, refill=POLL_REFILL)
             for j in range(len(peers))
         ] if opts.polling else []
 

@@ -91,14 +91,20 @@ class SignerPool:
     """A process pool that signs :class:`Spec` batches; counts what it signed."""
 
     def __init__(self, creds: list[Credentials], processes: int) -> None:
+        spawn = multiprocessing.get_context("spawn")
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init, initargs=(creds,),
+            max_workers=processes, mp_context=spawn, initializer=_init, initargs=(creds,),
+        )
+        # On-demand signatures (acks, starved queues) get a process of their
+        # own, so they never wait behind a bulk refill.
+        self._urgent = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=spawn, initializer=_init, initargs=(creds,),
         )
         self.processes = processes
         self.signed = 0
 
     def close(self) -> None:
+        self._urgent.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def sign(self, specs: Sequence[Spec]) -> list[Signed]:
@@ -112,7 +118,11 @@ class SignerPool:
         return results
 
     async def sign_one(self, spec: Spec) -> Signed:
-        return (await self.sign([spec]))[0]
+        """Sign one request now, on the process kept for on-demand signing."""
+        future = self._urgent.submit(_sign_batch, [spec])
+        signed = await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        self.signed += 1
+        return signed[0]
 
 
 class RequestQueue:
@@ -124,11 +134,14 @@ class RequestQueue:
     say the harness was short of signatures.
     """
 
-    def __init__(self, pool: SignerPool, make: Callable[[], Spec], *, low_water: int) -> None:
+    def __init__(
+        self, pool: SignerPool, make: Callable[[], Spec], *, low_water: int, refill: int | None = None
+    ) -> None:
         self._pool = pool
         self._make = make
         self._queue: collections.deque[Signed] = collections.deque()
         self._low_water = low_water
+        self._refill_count = refill or max(low_water, BATCH * pool.processes)
         self._refilling = False
         self.starved = 0
         self.expired = 0
@@ -157,7 +170,7 @@ class RequestQueue:
 
     async def _refill(self) -> None:
         try:
-            await self.fill(max(self._low_water, BATCH * self._pool.processes))
+            await self.fill(self._refill_count)
         finally:
             self._refilling = False
 
@@ -173,6 +186,9 @@ class UnsignedPool(SignerPool):
 
     def close(self) -> None:
         pass
+
+    async def sign_one(self, spec: Spec) -> Signed:
+        return (await self.sign([spec]))[0]
 
     async def sign(self, specs: Sequence[Spec]) -> list[Signed]:
         now = time.time()
