@@ -20,13 +20,9 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from pqmsg.client import Client, Device, ProblemResponse, sign_headers
-from pqmsg.client.stream import (
-    StreamClosed,
-    StreamUnsupported,
-    open_h2_transport,
-    open_stream,
-    open_websocket,
-)
+from pqmsg.client.stream import StreamClosed, StreamUnsupported, open_stream
+from pqmsg.client.ws_h1 import open_websocket
+from pqmsg.client.ws_h2 import open_h2_transport
 from pqmsg.protocol.b64 import b64encode
 from pqmsg.settings import Settings
 from tests.support.postgres import create_throwaway_database, drop_throwaway_database
