@@ -35,6 +35,7 @@ MAX_BACKLOG = 150  # opened but not yet parked: stay well under the in-flight li
 SETTLE_S = 2.0
 OPEN_DEADLINE_S = 75.0
 WATCH_S = 10.0
+RETRY_AFTER_S = 1.0
 CLOSE_GRACE_S = 10.0
 _GAUGE = re.compile(rb"^pqmsg_long_polls_waiting (\S+)$", re.MULTILINE)
 _LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.MULTILINE | re.IGNORECASE)
@@ -95,6 +96,8 @@ async def _hold(stream: trio.SocketStream, requests: list[bytes], counters: Coun
         status = int(head.split(b" ", 2)[1])
         counters.answered += 1
         counters.statuses[status] = counters.statuses.get(status, 0) + 1
+        if status != 200:
+            await trio.sleep(RETRY_AFTER_S)  # shed (503): renewing at once would feed the overload
 
 
 def raw_request(signed: Signed, host: str) -> bytes:
