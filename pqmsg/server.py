@@ -30,7 +30,7 @@ from typing import Any, cast
 import trio
 from hypercorn.config import Config, Sockets
 
-from pqmsg import hypercorn_drain, hypercorn_h2_errors, hypercorn_patch
+from pqmsg import hypercorn_drain, hypercorn_h2_errors, hypercorn_leaks, hypercorn_patch
 from pqmsg.aioloop import open_aio_loop
 from pqmsg.app import create_app
 from pqmsg.clock import WallClock, system_clock
@@ -56,6 +56,7 @@ def apply_hypercorn_fixes() -> None:
     hypercorn_patch.apply()  # send_eof racing send_all ends serve() on client disconnects
     hypercorn_drain.apply()  # idle connections and in-flight h2 responses at drain
     hypercorn_h2_errors.apply()  # request input that ended serve() instead of one stream
+    hypercorn_leaks.apply()  # reset or refused h2 streams that held their connection
 
 
 def hypercorn_config(settings: Settings) -> Config:
