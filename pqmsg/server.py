@@ -48,6 +48,7 @@ from pqmsg.settings import Settings
 
 log = logging.getLogger("pqmsg.server")
 
+MAX_REQUESTS_PER_CONNECTION = 2**62
 ReadyCallback = Callable[[list[str]], Awaitable[None] | None]
 
 
@@ -68,6 +69,10 @@ def hypercorn_config(settings: Settings) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.h2_max_concurrent_streams = 128
+    # Hypercorn ends an HTTP/2 connection with GOAWAY after this many requests
+    # (default 1,000) and loses responses still in flight when it does; our
+    # clients keep one connection for a long time, so do not recycle them.
+    config.keep_alive_max_requests = MAX_REQUESTS_PER_CONNECTION
     config.websocket_ping_interval = None
     if http.certfile is not None and http.keyfile is not None:
         config.certfile = str(http.certfile)

@@ -88,3 +88,19 @@ async def test_tls_negotiates_by_alpn(
                 response = await http.get("/health/live")
     assert response.http_version == version
     assert response.status_code == 200
+
+
+async def test_one_http2_connection_serves_well_past_a_thousand_requests(server: RunningServer) -> None:
+    """Hypercorn's default would end the connection at 1,000 requests, losing some in flight."""
+    statuses: list[int] = []
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as http:
+
+            async def worker() -> None:
+                for _ in range(110):
+                    statuses.append((await http.get("/health/live")).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(worker)
+    assert statuses == [200] * 1100
