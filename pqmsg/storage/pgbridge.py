@@ -180,6 +180,11 @@ class PgPool:
         raw = await self._acquire_raw()
         try:
             yield PgConnection(raw, cleanup_grace_s=self._cleanup_grace_s)
+        except StorageUnavailable:
+            # The connection failed mid-operation: asyncpg may hold it in a
+            # half-finished protocol state, so it never serves another call.
+            raw.terminate()
+            raise
         finally:
             await self._release(raw)
 
