@@ -36,16 +36,17 @@ for group in "$@"; do
                --baseline --workers 2 ;;
     peak-sqlite) run peak-sqlite --scenario mixed --duration 15 --concurrency 32 --accounts 40 ;;
     open80-sqlite) run open80-sqlite --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE80" ;;
+    open-sqlite) run "open${RATE}-sqlite" --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE" ;;
     open40-sqlite) run open40-sqlite --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE40" ;;
     peak-pg) run peak-pg --scenario mixed --duration 15 --concurrency 32 --accounts 40 \
                --database-url $PG --redis-url $REDIS ;;
     open80-pg) run open80-pg --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE80" \
                --database-url $PG --redis-url $REDIS ;;
-    backlog1k-sqlite) run backlog1k-sqlite --scenario backlog --duration 10 --concurrency 4 --accounts 20 --prefill 1000 ;;
-    backlog1m-sqlite) run backlog1m-sqlite --scenario backlog --duration 10 --concurrency 4 --accounts 20 --prefill 1000000 ;;
-    backlog1k-pg) run backlog1k-pg --scenario backlog --duration 10 --concurrency 4 --accounts 20 --prefill 1000 \
+    backlog1k-sqlite) run backlog1k-sqlite --scenario backlog --duration 10 --concurrency 4 --accounts 20 --fetch-limit 1 --prefill 1000 ;;
+    backlog1m-sqlite) run backlog1m-sqlite --scenario backlog --duration 10 --concurrency 4 --accounts 20 --fetch-limit 1 --prefill 1000000 ;;
+    backlog1k-pg) run backlog1k-pg --scenario backlog --duration 10 --concurrency 4 --accounts 20 --fetch-limit 1 --prefill 1000 \
                --database-url $PG --redis-url $REDIS ;;
-    backlog1m-pg) run backlog1m-pg --scenario backlog --duration 10 --concurrency 4 --accounts 20 --prefill 1000000 \
+    backlog1m-pg) run backlog1m-pg --scenario backlog --duration 10 --concurrency 4 --accounts 20 --fetch-limit 1 --prefill 1000000 \
                --database-url $PG --redis-url $REDIS ;;
     harness-httpx) run harness-httpx --scenario send --duration 15 --concurrency 32 --connections 2 --baseline \
                --client httpx --huffman ;;
