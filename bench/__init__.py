@@ -13,7 +13,13 @@ Modules, one job each:
 - :mod:`bench.spawn`: start the server or the baseline app as a subprocess;
 - :mod:`bench.baseline_app`: the bare Quart-Trio floor (``python -m bench.baseline_app``);
 - :mod:`bench.prefill`: queue many messages straight into SQLite or PostgreSQL;
-- :mod:`bench.idle_polls`: server memory while it holds thousands of idle long polls.
+- :mod:`bench.idle_polls`: server memory while it holds thousands of idle long polls;
+- :mod:`bench.h2client`, :mod:`bench.transport`, :mod:`bench.hpack_raw`: how requests
+  go out (a lean HTTP/2 client, or httpx; header values as raw literals);
+- :mod:`bench.quiet`, :mod:`bench.medians`, :mod:`bench.profile_summary`: campaign
+  helpers (wait for a quiet machine, medians over runs, py-spy profile summary);
+- ``bench/campaign.sh``, ``bench/ab_patched.sh``, ``bench/patched_serve.py``: the runs
+  behind ``bench/RESULTS.md``.
 
 ``bench/pg_bridge.py`` is a separate script (asyncpg bridges compared).
 """
