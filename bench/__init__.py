@@ -18,7 +18,8 @@ Modules, one job each:
   go out (a lean HTTP/2 client, or httpx; header values as raw literals);
 - :mod:`bench.quiet`, :mod:`bench.medians`, :mod:`bench.profile_summary`: campaign
   helpers (wait for a quiet machine, medians over runs, py-spy profile summary);
-- ``bench/campaign.sh``, ``bench/ab_patched.sh``, ``bench/patched_serve.py``: the runs
+- ``bench/campaign.sh``, ``bench/ab_patched.sh``, ``bench/patched_serve.py``,
+  ``bench/trace_serve.py``: the runs
   behind ``bench/RESULTS.md``.
 
 ``bench/pg_bridge.py`` is a separate script (asyncpg bridges compared).
