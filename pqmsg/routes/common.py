@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
@@ -63,17 +63,35 @@ async def json_body(body: bytes | None = None) -> Obj:
 
 
 async def authenticate(svc: Services) -> tuple[Principal, bytes]:
-    """Authenticate the current request (§3); returns the device and the raw body.
-
-    Every reject is counted by reason and audited before it propagates.
-    """
+    """Authenticate the current request (§3); returns the device and the raw body."""
     body = await read_body()
-    raw_path = request.scope.get("raw_path") or request.path.encode()
+    principal = await authenticate_scope(
+        svc, request.scope, request.method, request.path, request.headers.items(), body
+    )
+    return principal, body
+
+
+async def authenticate_scope(
+    svc: Services,
+    scope: Mapping[str, Any],
+    method: str,
+    fallback_path: str,
+    header_items: Iterable[tuple[str, str]],
+    body: bytes,
+) -> Principal:
+    """§3 for an HTTP request or a WebSocket upgrade, given its ASGI scope.
+
+    The path and query are signed exactly as sent (``raw_path``,
+    ``query_string``). Every reject is counted by reason and audited before
+    it propagates; a device seen again is touched at most once per
+    ``last_seen_resolution_s``.
+    """
     try:
-        path = raw_path.decode("ascii")
-        query = request.scope.get("query_string", b"").decode("ascii")
+        path = (scope.get("raw_path") or fallback_path.encode()).decode("ascii")
+        query = scope.get("query_string", b"").decode("ascii")
     except UnicodeDecodeError:
         raise BadRequest("the request target must be ASCII", reason="bad_path") from None
+    headers = {name.lower(): value for name, value in header_items}
     db = svc.storage.db
     authenticator = Authenticator(
         lookup_device=db.get_device_auth,
@@ -82,26 +100,32 @@ async def authenticate(svc: Services) -> tuple[Principal, bytes]:
         skew_window_s=svc.settings.auth.skew_window_s,
     )
     try:
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        parsed = parse_auth(request.method, path, query, headers, body)
-        principal = await authenticator.authenticate(parsed)
+        principal = await authenticator.authenticate(parse_auth(method, path, query, headers, body))
     except AuthError as exc:
-        svc.metrics.auth_rejects.labels(exc.reason).inc()
-        account = request.headers.get("pqmsg-account") if exc.reason != "malformed" else None
-        await svc.audit.record(
-            AUTH_REPLAY if exc.reason == "replay" else AUTH_REJECTED,
-            outcome="rejected",
-            request_id=request_id(),
-            account=account,
-            ip=client_ip(),
-            detail={"reason": exc.reason},
-        )
+        account = headers.get("pqmsg-account") if exc.reason != "malformed" else None
+        await record_auth_reject(svc, exc, scope, account)
         raise
     now = svc.clock()
     last = principal.last_seen_at
     if last is None or now - last >= svc.settings.auth.last_seen_resolution_s:
         await db.touch_device(principal.account, principal.device, now=now)
-    return principal, body
+    return principal
+
+
+async def record_auth_reject(
+    svc: Services, exc: AuthError, scope: Mapping[str, Any], account: str | None
+) -> None:
+    """Count an authentication reject by reason and audit it (§3)."""
+    svc.metrics.auth_rejects.labels(exc.reason).inc()
+    client = scope.get("client")
+    await svc.audit.record(
+        AUTH_REPLAY if exc.reason == "replay" else AUTH_REJECTED,
+        outcome="rejected",
+        request_id=str(scope.get(REQUEST_ID_KEY, "-")),
+        account=account,
+        ip=str(client[0]) if client else "unknown",
+        detail={"reason": exc.reason},
+    )
 
 
 async def verify_all(items: list[tuple[bytes, bytes, bytes]]) -> None:

@@ -34,13 +34,13 @@ from typing import Protocol, cast
 import trio
 from quart import Blueprint, Response, websocket
 
-from pqmsg.audit.events import AUTH_REJECTED, AUTH_REPLAY
 from pqmsg.errors import AuthError, BadRequest, ProblemError, Unavailable
 from pqmsg.http.edge import REQUEST_ID_KEY
 from pqmsg.http.inflight import RETRY_AFTER_OVERLOAD_S
 from pqmsg.http.problems import PROBLEM_JSON, internal_error_body, problem_body
 from pqmsg.nurseries.notify import Subscription
-from pqmsg.protocol.auth import Authenticator, Principal, parse_auth
+from pqmsg.protocol.auth import Principal
+from pqmsg.routes.common import authenticate_scope, record_auth_reject
 from pqmsg.routes.stream_frames import INTERNAL_ERROR, Close, close_reason
 from pqmsg.routes.stream_session import StreamSession
 from pqmsg.services import Services
@@ -176,46 +176,11 @@ def internal_rejection() -> Response:
 
 
 async def authenticate_upgrade(svc: Services) -> Principal:
-    """§3 for the upgrade request: ``GET``, its raw path and query, an empty body.
-
-    The same checks as :func:`pqmsg.routes.common.authenticate`, counted by
-    reason and audited the same way.
-    """
+    """§3 for the upgrade request: ``GET``, its raw path and query, an empty body."""
     scope = websocket.scope
-    try:
-        path = (scope.get("raw_path") or websocket.path.encode()).decode("ascii")
-        query = scope.get("query_string", b"").decode("ascii")
-    except UnicodeDecodeError:
-        raise BadRequest("the request target must be ASCII", reason="bad_path") from None
-    headers = {name.lower(): value for name, value in websocket.headers.items()}
-    authenticator = Authenticator(
-        lookup_device=svc.storage.db.get_device_auth,
-        record_nonce=svc.replay.record,
-        clock=svc.clock,
-        skew_window_s=svc.settings.auth.skew_window_s,
-    )
-    try:
-        principal = await authenticator.authenticate(parse_auth("GET", path, query, headers, b""))
-    except AuthError as exc:
-        account = headers.get("pqmsg-account") if exc.reason != "malformed" else None
-        await count_reject(svc, exc, account)
-        raise
-    now = svc.clock()
-    last = principal.last_seen_at
-    if last is None or now - last >= svc.settings.auth.last_seen_resolution_s:
-        await svc.storage.db.touch_device(principal.account, principal.device, now=now)
-    return principal
+    return await authenticate_scope(svc, scope, "GET", websocket.path, websocket.headers.items(), b"")
 
 
 async def count_reject(svc: Services, exc: AuthError, account: str | None) -> None:
     """Count and audit a refused upgrade, as for any request (§3)."""
-    svc.metrics.auth_rejects.labels(exc.reason).inc()
-    client = websocket.scope.get("client")
-    await svc.audit.record(
-        AUTH_REPLAY if exc.reason == "replay" else AUTH_REJECTED,
-        outcome="rejected",
-        request_id=request_id(),
-        account=account,
-        ip=str(client[0]) if client else "unknown",
-        detail={"reason": exc.reason},
-    )
+    await record_auth_reject(svc, exc, websocket.scope, account)
