@@ -66,8 +66,10 @@ REQUEST_OUTCOMES: Final[tuple[RequestOutcome, ...]] = get_args(RequestOutcome)
 #: Wake-ups that never got as far as a provider: another is queued or was
 #: attempted within ``coalesce_s`` (``coalesced``); the device has an open
 #: stream (``streaming``); it has no push token (``no_token``); storage
-#: failed (``storage_error``); the dispatcher is shutting down (``closed``).
-SkipReason = Literal["coalesced", "streaming", "no_token", "storage_error", "closed"]
+#: failed (``storage_error``); the dispatcher is shutting down (``closed``);
+#: no provider is configured at all, so there is nothing to look up
+#: (``push_off``, the default: no storage call per stored message).
+SkipReason = Literal["coalesced", "streaming", "no_token", "storage_error", "closed", "push_off"]
 SKIP_REASONS: Final[tuple[SkipReason, ...]] = get_args(SkipReason)
 
 _Key = tuple[str, int]
@@ -153,6 +155,8 @@ class PushDispatcher:
             self._skipped["closed"] += 1
         elif self._has_stream(account, device):
             self._skipped["streaming"] += 1
+        elif not self._breakers:
+            self._skipped["push_off"] += 1
         elif key in self._pending or self._recently_attempted(key):
             self._skipped["coalesced"] += 1
         else:
