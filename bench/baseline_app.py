@@ -5,7 +5,7 @@
 the JSON, answers 200 JSON with the id) and ``GET /health/live``; nothing
 else: no authentication, no storage, no middleware. Hypercorn's config
 comes from ``pqmsg.server.hypercorn_config`` (same protocols, stream
-limits, keep-alive), the server's Hypercorn patch is applied when present,
+limits, keep-alive), the server's fixes of Hypercorn are applied,
 and ``--workers`` shares the listening sockets across spawned processes as
 ``pqmsg serve --workers`` does.
 """
@@ -24,7 +24,7 @@ from hypercorn.config import Config, Sockets
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from pqmsg.server import hypercorn_config
+from pqmsg.server import apply_hypercorn_fixes, hypercorn_config
 from pqmsg.settings import Settings
 
 
@@ -52,12 +52,9 @@ async def serve(config: Config, sockets: Sockets | None) -> None:
     from hypercorn.trio.run import worker_serve
     from hypercorn.utils import wrap_app
 
-    try:
-        from pqmsg import hypercorn_patch
-
-        hypercorn_patch.apply()
-    except ImportError:  # the patch is the server's; without it the floor runs stock Hypercorn
-        pass
+    # The same Hypercorn as the server's: its four fixes of Hypercorn 0.18.0
+    # are part of the HTTP layer the floor stands for.
+    apply_hypercorn_fixes()
     stop = trio.Event()
 
     async def watch_signals() -> None:
