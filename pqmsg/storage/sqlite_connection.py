@@ -1,22 +1,34 @@
 """The embedded database's connection: settings, migrations, transactions, errors.
 
 Everything here is synchronous and runs on a worker thread (see
-:mod:`pqmsg.storage.sqlite`), one call at a time.
+:mod:`pqmsg.storage.sqlite`), one batch at a time.
 
 The connection runs in autocommit mode (``isolation_level=None``) so that
-transactions are explicit: every change of more than one row goes through
-:func:`write`, which opens ``BEGIN IMMEDIATE`` (taking the write lock up
-front, so a transaction never fails half-way on a lock upgrade) and commits
-or rolls back as a whole. WAL with ``synchronous=FULL`` makes each commit
-durable before the call returns.
+transactions are explicit. The server's storage calls run in batches
+(:func:`run_batch`): one ``BEGIN IMMEDIATE ... COMMIT`` around every call
+queued at that moment, each call inside its own ``SAVEPOINT``, so a call
+that fails is rolled back alone while the others commit. WAL with
+``synchronous=FULL`` makes the COMMIT durable (its fsync) before any call of
+the batch is answered; the batch shares that one fsync instead of paying one
+per call.
+
+Every change of more than one row goes through :func:`write`: on its own
+(migrations, or any code run directly on a connection) it opens
+``BEGIN IMMEDIATE`` (taking the write lock up front, so a transaction never
+fails half-way on a lock upgrade) and commits or rolls back as a whole;
+inside a batch it nests as a ``SAVEPOINT``, all of the block's changes or
+none of them, committed with the batch.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import outcome
 
 from pqmsg.errors import StorageUnavailable
 from pqmsg.storage.migrate import Migration, load_migrations, pending
@@ -39,6 +51,9 @@ _UNAVAILABLE_CODES = frozenset(
 )
 CACHE_SIZE_KIB = 32 * 1024
 STATEMENT_CACHE_SIZE = 256
+# Savepoint names: a call of a batch, and a write() block nested in one.
+_CALL = "pqmsg_call"
+_WRITE = "pqmsg_write"
 
 
 def unavailable(exc: sqlite3.Error) -> StorageUnavailable | None:
@@ -74,18 +89,104 @@ def connect(path: Path, *, busy_timeout_s: float, now: float) -> sqlite3.Connect
 
 @contextmanager
 def write(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction: all of the block's changes, or none of them."""
-    conn.execute("BEGIN IMMEDIATE")
+    """One write transaction: all of the block's changes, or none of them.
+
+    Inside a transaction already open (a batch of :func:`run_batch`) it is a
+    ``SAVEPOINT`` that commits with that transaction; otherwise it is a
+    transaction of its own, ``BEGIN IMMEDIATE ... COMMIT``.
+    """
+    nested = conn.in_transaction
+    conn.execute(f"SAVEPOINT {_WRITE}" if nested else "BEGIN IMMEDIATE")
     try:
         yield
-        conn.execute("COMMIT")
+        conn.execute(f"RELEASE {_WRITE}" if nested else "COMMIT")
     except BaseException:
-        if conn.in_transaction:
+        if conn.in_transaction:  # else SQLite already rolled everything back
             try:
-                conn.execute("ROLLBACK")
+                if nested:
+                    conn.execute(f"ROLLBACK TO {_WRITE}")
+                    conn.execute(f"RELEASE {_WRITE}")
+                else:
+                    conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # the original error says more; SQLite rolls back on close
         raise
+
+
+def run_batch(
+    conn: sqlite3.Connection, jobs: Sequence[Callable[[sqlite3.Connection], Any]]
+) -> list[outcome.Outcome[Any]]:
+    """Run ``jobs`` in order in one transaction, each in its own savepoint.
+
+    Returns each job's outcome once the COMMIT returned (durable): its value,
+    or the exception it raised (that job's changes alone rolled back). If the
+    transaction cannot be opened or committed, or a job's error made SQLite
+    roll the whole transaction back (``conn.in_transaction`` turned false),
+    nothing of the batch is stored: every job that had not failed on its own
+    (jobs not run yet included) gets a :class:`StorageUnavailable` instead.
+    """
+    done: list[outcome.Outcome[Any]] = []
+    cause: BaseException | None = None
+    try:
+        if conn.in_transaction:  # left open by an earlier failure; start clean
+            conn.execute("ROLLBACK")
+        conn.execute("BEGIN IMMEDIATE")
+        for job in jobs:
+            done.append(_in_savepoint(conn, job))
+            if not conn.in_transaction:
+                last = done[-1]
+                cause = last.error if isinstance(last, outcome.Error) else None
+                break
+        else:
+            conn.execute("COMMIT")
+            return done
+    except sqlite3.Error as exc:
+        cause = exc
+    except BaseException:
+        _rollback(conn)
+        raise
+    _rollback(conn)
+    kept: list[outcome.Outcome[Any]] = [
+        result if isinstance(result, outcome.Error) else _lost(cause) for result in done
+    ]
+    return kept + [_lost(cause) for _ in jobs[len(done) :]]
+
+
+def _in_savepoint(
+    conn: sqlite3.Connection, job: Callable[[sqlite3.Connection], Any]
+) -> outcome.Outcome[Any]:
+    """Run one job of a batch; its error rolls back its own changes only."""
+    conn.execute(f"SAVEPOINT {_CALL}")
+    try:
+        value = job(conn)
+    except Exception as exc:
+        if conn.in_transaction:
+            conn.execute(f"ROLLBACK TO {_CALL}")
+            conn.execute(f"RELEASE {_CALL}")
+        return outcome.Error(exc)
+    if conn.in_transaction:  # else the job ended the transaction: run_batch sees it
+        conn.execute(f"RELEASE {_CALL}")
+    return outcome.Value(value)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # nothing was committed either way; closing rolls back too
+
+
+def _lost(cause: BaseException | None) -> outcome.Error:
+    """The answer of a call whose changes the batch's rollback took away."""
+    name = getattr(cause, "sqlite_errorname", None)
+    lost = StorageUnavailable(
+        f"the database is unavailable ({name})"
+        if name
+        else "the database is unavailable (the transaction was rolled back)"
+    )
+    lost.__cause__ = cause
+    return outcome.Error(lost)
 
 
 def apply_migrations(conn: sqlite3.Connection, *, now: float) -> int:

@@ -66,8 +66,9 @@ async def test_pool_statistics_count_the_queue(tmp_path: Path) -> None:
                 async with trio.open_nursery() as nursery:
                     for at in (2.0, 3.0, 4.0):
                         nursery.start_soon(partial(db.touch_device, account, 1, now=at))
-                    await trio.testing.wait_all_tasks_blocked()
-                    # One call holds the connection (waiting for the lock), two queue.
+                        await trio.testing.wait_all_tasks_blocked()
+                    # One batch holds the connection (waiting for the lock), two
+                    # calls queue for the next one.
                     assert db.pool_statistics() == PoolStatistics(
                         idle=0, in_use=1, max_size=1, waiting=2
                     )
