@@ -12,18 +12,66 @@
         await bob.ack([m.id for m in messages])
 
 HTTP/2 is the default (cleartext prior knowledge for ``http://`` URLs, ALPN
-for ``https://``). Errors come back as :class:`ProblemResponse` carrying the
-server's problem+json.
+for ``https://``), with header fields sent as raw HPACK literals rather than
+Huffman-coded ones (:mod:`pqmsg.client.transport` says why and how). Errors
+come back as :class:`ProblemResponse` carrying the server's problem+json.
+
+Retries
+-------
+A request can fail in transit after the server acted on it: a server or
+proxy that ends an HTTP/2 connection (GOAWAY) with requests in flight, or a
+connection that breaks, leaves httpx with ``httpx.RemoteProtocolError``
+(``ConnectionTerminated``, "Server disconnected"), ``httpx.ReadError`` or
+``httpx.WriteError``, and no way to tell whether the server processed it
+(a request on a stream above the GOAWAY's last stream id was not, and
+httpcore already resends it on a new connection by itself). The SDK
+then retries a call **once, signed afresh** (a new timestamp and nonce: the
+server may have recorded the first nonce, and would answer the same
+signature with ``401 replay``), when the call is idempotent by the protocol:
+
+========================================  =====  ======================================
+call                                      retry  why
+========================================  =====  ======================================
+:meth:`Device.send`                       yes    the same ``(sender, id)`` within 24 h
+                                                 is stored once (PROTOCOL.md 5,
+                                                 Messages); the id is chosen before the
+                                                 first attempt and kept
+:meth:`Device.receive`                    yes    reads; messages stay queued until acked
+:meth:`Device.ack`                        yes    acking twice removes nothing more
+                                                 (``acked`` then counts only what the
+                                                 retry removed: it may be 0)
+:meth:`Device.list_devices`,              yes    reads
+:meth:`Device.key_status`
+:meth:`Device.set_push`,                  yes    set or remove the same state
+:meth:`Device.delete_push`
+:meth:`Device.fetch_bundle`               no     hands out one-time prekeys at most once:
+                                                 a retry would burn another
+:meth:`Device.upload_keys`,               no     one-time keys are appended; a retry
+:meth:`Device.upload_prekeys`                    after a processed attempt is a ``409``
+:meth:`Device.provisioning_token`         no     mints a new single-use token
+:meth:`Device.revoke`,                    no     a retry after a processed attempt gets
+:meth:`Device.delete_account`                    an error (``404``, ``401``) for a
+                                                 success
+:meth:`Client.register`,                  no     create an account / consume a token
+:meth:`Client.link`
+========================================  =====  ======================================
+
+:meth:`Device.call` retries only when its caller passes ``idempotent=True``.
+Connect errors (nothing was sent), timeouts and error responses
+(:class:`ProblemResponse`, including ``429``/``503`` with ``Retry-After``)
+are never retried by the SDK; a second failure is raised as it is.
+``Client.retries`` counts the retries made.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlencode
 
 import attrs
@@ -36,10 +84,17 @@ from pqmsg.client.keys import (
     registration_body,
     x25519_keypair,
 )
+from pqmsg.client.transport import RawLiteralTransport
 from pqmsg.clock import WallClock
 from pqmsg.protocol import crypto
 from pqmsg.protocol.b64 import b64decode, b64encode
 from pqmsg.protocol.canonical import SignedRequest, canonical_string
+
+log = logging.getLogger(__name__)
+
+#: Failures in transit after which the server may or may not have processed
+#: the request (see "Retries" above).
+RETRYABLE_ERRORS: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class ProblemResponse(Exception):
@@ -96,7 +151,13 @@ def sign_headers(
 
 
 class Client:
-    """Unauthenticated entry points and the shared HTTP connection pool."""
+    """Unauthenticated entry points and the shared HTTP connection pool.
+
+    The pool's HTTP/2 connections send header fields as raw HPACK literals
+    (:class:`~pqmsg.client.transport.RawLiteralTransport`); ``huffman=True``
+    keeps hpack's default, Huffman coding. Neither applies to an ``http``
+    client passed in, which is used as it is.
+    """
 
     def __init__(
         self,
@@ -107,16 +168,20 @@ class Client:
         http: httpx.AsyncClient | None = None,
         clock: WallClock = time.time,
         timeout_s: float = 60.0,
+        huffman: bool = False,
     ) -> None:
-        cleartext = base_url.startswith("http://")
-        self.http = http or httpx.AsyncClient(
-            base_url=base_url,
-            http1=not (http2 and cleartext),  # h2c needs prior knowledge: HTTP/2 only
-            http2=http2,
-            verify=verify,
-            timeout=timeout_s,
-        )
+        if http is None:
+            cleartext = base_url.startswith("http://")
+            http1 = not (http2 and cleartext)  # h2c needs prior knowledge: HTTP/2 only
+            transport = None if huffman else RawLiteralTransport(http1=http1, http2=http2, verify=verify)
+            http = httpx.AsyncClient(
+                base_url=base_url, http1=http1, http2=http2, verify=verify, timeout=timeout_s,
+                transport=transport,  # http1, http2 and verify still serve httpx's proxy transports
+            )
+        self.http = http
         self.clock = clock
+        #: Requests retried after a failure in transit (see the module's "Retries").
+        self.retries = 0
 
     async def __aenter__(self) -> Client:
         return self
@@ -180,14 +245,37 @@ class Device:
         self.prekeys: dict[int, PrekeyPair] = {}
 
     async def call(
-        self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None
+        self, method: str, path: str, *, body: Any = None, params: Mapping[str, Any] | None = None,
+        idempotent: bool = False,
     ) -> httpx.Response:
+        """One signed request; a 4xx/5xx raises :class:`ProblemResponse`.
+
+        ``idempotent=True`` says that doing the request twice has the effect
+        of doing it once: then a failure in transit (:data:`RETRYABLE_ERRORS`)
+        is retried once, signed afresh. See the module's "Retries".
+        """
         query = urlencode(params or {})
-        headers = sign_headers(
-            method, path, query, encode_body(body), account=self.account, device=self.device,
+        content = encode_body(body)
+        try:
+            return await self.client.call(
+                method, path, body=body, params=params, headers=self._sign(method, path, query, content)
+            )
+        except RETRYABLE_ERRORS as exc:
+            if not idempotent:
+                raise
+            self.client.retries += 1
+            log.info("%s %s failed in transit (%s: %s); retrying once, signed afresh",
+                     method, path, type(exc).__name__, exc)
+        return await self.client.call(
+            method, path, body=body, params=params, headers=self._sign(method, path, query, content)
+        )
+
+    def _sign(self, method: str, path: str, query: str, content: bytes) -> dict[str, str]:
+        """Fresh §3 headers: the clock's timestamp now and a new nonce."""
+        return sign_headers(
+            method, path, query, content, account=self.account, device=self.device,
             device_key=self.device_key, now=self.client.clock(),
         )
-        return await self.client.call(method, path, body=body, params=params, headers=headers)
 
     # -- devices ---------------------------------------------------------------
 
@@ -200,7 +288,7 @@ class Device:
         return await self.client.link(await self.provisioning_token(), self.identity, name=name)
 
     async def list_devices(self) -> list[dict[str, Any]]:
-        return list((await self.call("GET", "/v1/devices")).json()["devices"])
+        return list((await self.call("GET", "/v1/devices", idempotent=True)).json()["devices"])
 
     async def revoke(self, device: int) -> None:
         await self.call("DELETE", f"/v1/devices/{device}")
@@ -209,10 +297,11 @@ class Device:
         await self.call("DELETE", "/v1/accounts/self")
 
     async def set_push(self, provider: str, token: str) -> None:
-        await self.call("PUT", "/v1/devices/self/push", body={"provider": provider, "token": token})
+        body = {"provider": provider, "token": token}
+        await self.call("PUT", "/v1/devices/self/push", body=body, idempotent=True)
 
     async def delete_push(self) -> None:
-        await self.call("DELETE", "/v1/devices/self/push")
+        await self.call("DELETE", "/v1/devices/self/push", idempotent=True)
 
     # -- keys ------------------------------------------------------------------
 
@@ -237,15 +326,21 @@ class Device:
         return pair
 
     async def upload_keys(self, body: Mapping[str, Any]) -> dict[str, int]:
+        """``PUT /v1/keys``; never retried (a repeated one-time key id is a ``409``)."""
         return dict((await self.call("PUT", "/v1/keys", body=body)).json())
 
     async def upload_prekeys(self, *, ec: int = 10, pq: int = 10, signed: bool = True) -> dict[str, int]:
         return await self.upload_keys(self.prekey_body(ec=ec, pq=pq, signed=signed))
 
     async def key_status(self) -> dict[str, Any]:
-        return dict((await self.call("GET", "/v1/keys/status")).json())
+        return dict((await self.call("GET", "/v1/keys/status", idempotent=True)).json())
 
     async def fetch_bundle(self, account: str, device: int | str = "*") -> dict[str, Any]:
+        """The account's (or one device's) prekey bundle.
+
+        Never retried: each fetch hands out one-time prekeys at most once, so
+        a retry after a processed attempt would burn another one.
+        """
         return dict((await self.call("GET", f"/v1/keys/{account}/{device}")).json())
 
     # -- messages --------------------------------------------------------------
@@ -254,7 +349,12 @@ class Device:
         self, recipient: str, ciphertexts: Mapping[int, bytes], *, message_id: str | None = None,
         pq_epochs: Mapping[int, int] | None = None,
     ) -> dict[str, Any]:
-        """Send one copy per recipient device; returns ``{"id", "stored"}``."""
+        """Send one copy per recipient device; returns ``{"id", "stored"}``.
+
+        Retried once after a failure in transit, with the same ``id`` (drawn
+        once, here, when not given): the server stores a repeated
+        ``(sender, id)`` once.
+        """
         copies: list[dict[str, Any]] = []
         for device, ciphertext in sorted(ciphertexts.items()):
             copy: dict[str, Any] = {"device": device, "ciphertext": b64encode(ciphertext)}
@@ -262,14 +362,22 @@ class Device:
                 copy["pq_epoch"] = pq_epochs[device]
             copies.append(copy)
         body = {"id": message_id or str(uuid.uuid4()), "messages": copies}
-        return dict((await self.call("PUT", f"/v1/messages/{recipient}", body=body)).json())
+        response = await self.call("PUT", f"/v1/messages/{recipient}", body=body, idempotent=True)
+        return dict(response.json())
 
     async def receive(self, *, limit: int = 100, wait: int = 0) -> tuple[list[ReceivedMessage], bool]:
+        """The oldest unacknowledged messages (long poll with ``wait``); retried once in transit."""
         params: dict[str, int] = {"limit": limit}
         if wait:
             params["wait"] = wait
-        data = (await self.call("GET", "/v1/messages", params=params)).json()
+        data = (await self.call("GET", "/v1/messages", params=params, idempotent=True)).json()
         return [ReceivedMessage.from_json(m) for m in data["messages"]], bool(data["more"])
 
     async def ack(self, ids: Sequence[str]) -> int:
-        return int((await self.call("POST", "/v1/messages/ack", body={"ids": list(ids)})).json()["acked"])
+        """Remove delivered messages; retried once in transit.
+
+        Returns how many this request removed: after a retry whose first
+        attempt was processed, that can be fewer than were acked (even 0).
+        """
+        response = await self.call("POST", "/v1/messages/ack", body={"ids": list(ids)}, idempotent=True)
+        return int(response.json()["acked"])

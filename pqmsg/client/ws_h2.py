@@ -20,6 +20,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from pqmsg.client.transport import use_raw_literals
 from pqmsg.client.ws_transport import (
     ABNORMAL_CLOSURE,
     CLOSE_GRACE_S,
@@ -45,6 +46,7 @@ class H2WebSocket:
         self._stream = stream
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config)
+        use_raw_literals(self._h2)  # the upgrade is signed: no Huffman coding of its 4.4 KB header
         self._ws = Connection(ConnectionType.CLIENT)
         self._id = 0
         self._write_lock = trio.Lock()
