@@ -15,8 +15,9 @@ and waits for it from Trio (``trio_asyncio.aio_as_trio``), so:
   violations and the like) pass through unchanged for the backend to map.
 - Resources: :func:`open_pg_pool` owns the asyncpg pool; a connection goes
   back to the pool when its ``acquire()`` block ends, under a shielded,
-  bounded cleanup; one that cannot be cleaned up in time is terminated
-  rather than returned dirty.
+  bounded cleanup (an open transaction is rolled back; no reset query is
+  sent, see :func:`_keep_session`); one that cannot be cleaned up in time
+  is terminated rather than returned dirty.
 
 Why not ``triopg``: see ``bench/pg_bridge.py`` and the README. In short, it
 needs the unmaintained ``async_generator``, is untyped (``__getattr__``
@@ -225,6 +226,28 @@ class PgPool:
         )
 
 
+async def _keep_session(_con: Any) -> None:
+    """The pool's reset on release: nothing to send, so no round trip.
+
+    asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE
+    ALL; UNLISTEN *; RESET ALL;`` on every release, one more round trip per
+    call. Sending nothing is safe because:
+
+    - an open transaction is still rolled back: ``PoolConnectionHolder.release``
+      (asyncpg 0.32, ``pool.py``) awaits ``Connection._reset()``, which sends
+      ``ROLLBACK`` when the protocol reports a transaction (open or failed),
+      before it calls this custom reset;
+    - nothing borrowing a pooled connection leaves session state behind: no
+      ``SET``, no cursors (fetches read whole results), no advisory locks
+      but transaction-scoped ones (migrations), no ``LISTEN`` (the wake-up bus
+      listens on a connection of its own, outside any pool; see
+      :mod:`pqmsg.storage.pgbus`). :class:`PgConnection` offers no way to
+      register a listener either.
+
+    Code that needs session state must undo it before its block ends.
+    """
+
+
 @asynccontextmanager
 async def open_pg_pool(
     dsn: str,
@@ -253,6 +276,7 @@ async def open_pg_pool(
             timeout=acquire_timeout_s,
             command_timeout=None,  # deadlines are Trio cancel scopes
             server_settings={"application_name": application_name},
+            reset=_keep_session,
         )
     try:
         yield PgPool(raw, acquire_timeout_s=acquire_timeout_s, cleanup_grace_s=cleanup_grace_s)

@@ -15,6 +15,8 @@ silently drops it; it reconnects with a capped backoff and reports health.
 
 Resources: :func:`open_pg_bus` owns a two-connection pool for publishes;
 the listening connection lives inside ``listen`` and is closed when it ends.
+It must never come from a pool: pooled connections go back without an
+``UNLISTEN`` (see :func:`pqmsg.storage.pgbridge.open_pg_pool`).
 """
 
 from __future__ import annotations

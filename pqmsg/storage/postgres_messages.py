@@ -1,14 +1,24 @@
 """PostgreSQL queries for the message queue: send, fetch, ack, idempotency.
 
-A send is one transaction, durable on return (``synchronous_commit`` on):
+A send is one round trip: the ``store_messages`` database function
+(migration ``0002``) runs, atomically and durable on return
+(``synchronous_commit`` on):
 
-1. claim ``(sender, id)`` in ``sent_messages`` with ``INSERT ... ON CONFLICT
-   DO NOTHING``; a concurrent duplicate waits on the unique index for the
-   first one's outcome and then reads its result;
-2. lock the recipient's account row ``FOR SHARE`` (membership changes take
-   it ``FOR UPDATE``) and compare the copies with the active devices;
-3. insert the copies and raise the PQ epochs, counting the advances;
-4. record the result on the claim.
+1. lock the recipient's account row ``FOR SHARE`` (membership changes take
+   it ``FOR UPDATE``) and read the active devices;
+2. return the first result of an earlier send with this id, if any;
+3. refuse an unknown recipient or copies that do not address exactly the
+   active devices, having written nothing;
+4. claim ``(sender, id)`` in ``sent_messages`` with ``INSERT ... ON
+   CONFLICT DO NOTHING``; a concurrent duplicate waits on the unique index
+   for the first one's outcome and then reads its result;
+5. insert the copies and raise the PQ epochs, counting the advances;
+6. record the result on the claim.
+
+The refusals come back as an outcome with their details rather than as
+database errors, and are raised here as the contract's errors. Several
+statements inside one ``BEGIN ... COMMIT`` cost a round trip (and a
+crossing of the trio-asyncio bridge) each; the function costs one.
 
 Fetch walks the ``(recipient, seq)`` index and ack deletes by primary key,
 so neither slows down as the table grows.
@@ -21,38 +31,12 @@ from collections.abc import Sequence
 
 from pqmsg.errors import BadRequest, DeviceMismatch, NotFound
 from pqmsg.storage.base import OutgoingCopy, QueuedMessage, Sender, StoreResult
-from pqmsg.storage.pgbridge import PgConnection, rows_affected
+from pqmsg.storage.pgbridge import PgConnection, Row, rows_affected
 
-_CLAIM = """
-INSERT INTO sent_messages (sender_account, message_id, created_at) VALUES ($1, $2, $3)
-ON CONFLICT (sender_account, message_id) DO NOTHING
-RETURNING true
-"""
-
-INSERT_COPIES_SQL = """
-INSERT INTO messages (id, recipient_account, recipient_device, sender_account, sender_device,
-                      ciphertext, pq_epoch, server_ts)
-SELECT c.id, $1, c.device, $2, $3, c.ciphertext, c.pq_epoch, $4
-FROM unnest($5::uuid[], $6::integer[], $7::bytea[], $8::bigint[]) WITH ORDINALITY
-     AS c(id, device, ciphertext, pq_epoch, ord)
-ORDER BY c.ord
-"""
-
-# Counts the pairs whose stored epoch grew, including pairs seen the first time.
-_RAISE_EPOCHS = """
-WITH incoming AS (
-    SELECT e.device, max(e.epoch) AS epoch
-    FROM unnest($4::integer[], $5::bigint[]) AS e(device, epoch)
-    WHERE e.epoch IS NOT NULL
-    GROUP BY e.device
-), raised AS (
-    INSERT INTO pq_epochs (recipient_account, recipient_device, sender_account, sender_device, epoch)
-    SELECT $1, device, $2, $3, epoch FROM incoming
-    ON CONFLICT (recipient_account, recipient_device, sender_account, sender_device)
-    DO UPDATE SET epoch = EXCLUDED.epoch WHERE pq_epochs.epoch < EXCLUDED.epoch
-    RETURNING 1
-)
-SELECT count(*) FROM raised
+# One send, atomically; see the module docstring. Copy ids (uuid4) are made here.
+STORE_SQL = """
+SELECT outcome, stored_count, advances, stored_devices, missing, extra
+FROM store_messages($1, $2, $3, $4, $5, $6, $7::uuid[], $8::integer[], $9::bytea[], $10::bigint[])
 """
 
 # The oldest queued copies of one device: a walk along messages_queue.
@@ -66,11 +50,6 @@ ORDER BY seq LIMIT $3
 ACK_SQL = """
 DELETE FROM messages
 WHERE id = ANY($3::uuid[]) AND recipient_account = $1 AND recipient_device = $2
-"""
-
-_RECORD = """
-UPDATE sent_messages SET stored = $3, ratchet_advances = $4, devices = $5
-WHERE sender_account = $1 AND message_id = $2
 """
 
 
@@ -87,73 +66,38 @@ async def store_messages(
     addressed = [c.device for c in copies]
     if len(set(addressed)) != len(addressed):
         raise BadRequest("a device is addressed twice")
-    async with con.transaction():
-        first = await _claim(con, sender, message_id, now=now, window_s=idempotency_window_s)
-        if first is not None:
-            return first
-        await _check_devices(con, recipient, copies)
-        devices = [c.device for c in copies]
-        epochs = [c.pq_epoch for c in copies]
-        await con.execute(
-            INSERT_COPIES_SQL,
-            recipient,
-            sender.account,
-            sender.device,
-            now,
-            [str(uuid.uuid4()) for _ in copies],
-            devices,
-            [c.ciphertext for c in copies],
-            epochs,
-        )
-        advances: int = await con.fetchval(
-            _RAISE_EPOCHS, recipient, sender.account, sender.device, devices, epochs
-        )
-        await con.execute(_RECORD, sender.account, message_id, len(copies), advances, devices)
-    return StoreResult(
-        stored=len(copies), duplicate=False, ratchet_advances=advances, devices=tuple(devices)
-    )
-
-
-async def _claim(
-    con: PgConnection, sender: Sender, message_id: str, *, now: float, window_s: float
-) -> StoreResult | None:
-    """Claim the send id; returns the first result if it was already sent."""
-    # A record older than the window no longer counts (purge may lag).
-    await con.execute(
-        "DELETE FROM sent_messages WHERE sender_account = $1 AND message_id = $2"
-        " AND created_at < $3",
-        sender.account,
-        message_id,
-        now - window_s,
-    )
-    if await con.fetchval(_CLAIM, sender.account, message_id, now):
-        return None
     row = await con.fetchrow(
-        "SELECT stored, ratchet_advances, devices FROM sent_messages"
-        " WHERE sender_account = $1 AND message_id = $2",
+        STORE_SQL,
         sender.account,
+        sender.device,
         message_id,
+        recipient,
+        now,
+        now - idempotency_window_s,
+        [str(uuid.uuid4()) for _ in copies],
+        addressed,
+        [c.ciphertext for c in copies],
+        [c.pq_epoch for c in copies],
     )
-    assert row is not None  # the conflicting claim is committed, so visible
-    return StoreResult(
-        stored=row["stored"],
-        duplicate=True,
-        ratchet_advances=row["ratchet_advances"],
-        devices=tuple(row["devices"]),
-    )
+    assert row is not None  # the function always returns its one row
+    return _store_result(row)
 
 
-async def _check_devices(con: PgConnection, recipient: str, copies: Sequence[OutgoingCopy]) -> None:
-    exists = await con.fetchval("SELECT true FROM accounts WHERE account = $1 FOR SHARE", recipient)
-    if exists is None:
+def _store_result(row: Row) -> StoreResult:
+    """The function's answer as a result, or as the contract's error for a refusal."""
+    outcome = row["outcome"]
+    if outcome == "no_recipient":
         raise NotFound("no such recipient")
-    rows = await con.fetch(
-        "SELECT device FROM devices WHERE account = $1 AND revoked_at IS NULL", recipient
+    if outcome == "device_mismatch":
+        raise DeviceMismatch(missing=list(row["missing"]), extra=list(row["extra"]))
+    if outcome not in ("stored", "duplicate"):
+        raise RuntimeError(f"store_messages answered an unknown outcome {outcome!r}")
+    return StoreResult(
+        stored=row["stored_count"],
+        duplicate=outcome == "duplicate",
+        ratchet_advances=row["advances"],
+        devices=tuple(row["stored_devices"]),
     )
-    active = {row["device"] for row in rows}
-    addressed = {c.device for c in copies}
-    if addressed != active:
-        raise DeviceMismatch(missing=sorted(active - addressed), extra=sorted(addressed - active))
 
 
 async def fetch_messages(

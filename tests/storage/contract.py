@@ -14,7 +14,8 @@ Rules pinned here beyond the ``Storage`` docstrings:
   perhaps stolen, device must not link a replacement);
 - ``last_seen_at`` never moves back;
 - a provisioning token is valid while ``now < expires_at``;
-- a retried send gets the first result back with ``duplicate=True``; a
+- a retried send gets the first result back with ``duplicate=True``, even
+  after the recipient's devices changed or the recipient was deleted; a
   failed send does not burn its id;
 - a pair's first PQ epoch counts as a ratchet advance;
 - one-time prekey ids are unique per device and kind (an EC and a PQ key may
@@ -694,6 +695,30 @@ class StorageContract:
 
             assert sorted(duplicates) == [False, True, True, True, True]
             assert await queue_of(storage, bob, 1) == [b"m->1"]
+
+    async def test_retry_after_the_recipient_changed_gets_the_first_result(
+        self, storage: Backend, now: float
+    ) -> None:
+        with trio.fail_after(DEADLINE_S):
+            alice = await make_account(storage, now)
+            bob = await make_account(storage, now, devices=2)
+            message_id = new_id()
+
+            async def store() -> StoreResult:
+                return await storage.store_messages(
+                    Sender(alice, 1),
+                    message_id,
+                    bob,
+                    copies(1, 2, epoch=1),
+                    now=now,
+                    idempotency_window_s=WINDOW_S,
+                )
+
+            first = await store()
+            assert await storage.revoke_device(bob, 2, now=now)
+            assert await store() == attrs.evolve(first, duplicate=True)
+            await storage.delete_account(bob)
+            assert await store() == attrs.evolve(first, duplicate=True)
 
     async def test_device_mismatch_stores_nothing(self, storage: Backend, now: float) -> None:
         with trio.fail_after(DEADLINE_S):
