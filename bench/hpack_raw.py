@@ -5,7 +5,7 @@ The ``Pqmsg-Signature`` header is 4,412 base64url characters. hpack 4.2
 on the client and the server about 0.75 ms decoding it: more than the
 server's signature check. Huffman coding is optional in HPACK (RFC 7541
 5.2), so the harness turns it off in its own process to stay out of the
-way; ``--huffman`` keeps the SDK's default (what real clients send today).
+way; ``--huffman`` keeps hpack's default (what stock HTTP/2 clients send).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--client", choices=("h2", "httpx"), default="h2",
         help="HTTP/2 transport: the lean bench client (default) or httpx, the SDK's",
     )
-    target.add_argument("--huffman", action="store_true", help="Huffman-code HTTP/2 headers (the SDK default)")
+    target.add_argument("--huffman", action="store_true", help="Huffman-code HTTP/2 headers (what stock h2/httpx clients send; the SDK sends raw literals)")
     target.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
 
     load = p.add_argument_group("load")

@@ -46,7 +46,7 @@ class HttpxTransport:
 @asynccontextmanager
 async def open_transport(opts: Options, url: str) -> AsyncIterator[Transport]:
     if opts.http1 or opts.client == "httpx":
-        async with Client(url, http2=not opts.http1, verify=not opts.insecure).http as http:
+        async with Client(url, http2=not opts.http1, verify=not opts.insecure, huffman=opts.huffman).http as http:
             yield HttpxTransport(http)
     else:
         async with H2Client(url, verify=not opts.insecure) as client:

@@ -159,16 +159,12 @@ async def open_storage(
     Raises StorageUnavailable when the database cannot be opened. ``backend``
     opens the database (tests wrap the real one to inject faults).
     """
-    opened = backend(settings, clock=clock)
-    db = await opened.__aenter__()
-    try:
-        async with trio.open_nursery() as nursery:
-            service = StorageService(db, nursery, settings, clock)
-            await service._start_loops()
-            try:
-                yield service
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.move_on_after(CLOSE_GRACE_S, shield=True):
-            await opened.__aexit__(None, None, None)
+    # The backend shields its own close (within its grace); entering and
+    # leaving it with ``async with`` keeps the nursery it may hold nested.
+    async with backend(settings, clock=clock) as db, trio.open_nursery() as nursery:
+        service = StorageService(db, nursery, settings, clock)
+        await service._start_loops()
+        try:
+            yield service
+        finally:
+            nursery.cancel_scope.cancel()

@@ -11,15 +11,12 @@ worker-thread hop (``trio.to_thread.run_sync``) inside one
 batch runs form the next one, so batches grow with the load and a lone call
 still goes straight through.
 
-The writer is a trio system task that :func:`open_sqlite_storage` starts
-and closing stops, not a child of a nursery held across the context's
-``yield``: the storage service enters this context by hand and leaves it
-inside a cancel scope of its own (its close grace), and a nursery opened
-here would then be exited out of order, corrupting trio's cancel-scope
-stack. Being a system task also keeps the writer out of every caller's
-cancel scopes, so a caller shielded during shutdown is still served. It
-never raises: a failure of a batch outside its calls (a bug) is logged and
-answers that batch's calls StorageUnavailable.
+The writer is a task of the nursery that :func:`open_sqlite_storage`
+holds for as long as the storage is open; closing stops it, and the context
+waits for it. It lives in the storage's own cancel scope, not a caller's, so
+a request cancelled mid-call does not stop it. It never raises: a failure of
+a batch outside its calls (a bug) is logged and answers that batch's calls
+StorageUnavailable.
 
 Durability is unchanged: every caller of a batch, readers included, is
 answered only after the COMMIT returned, so no one sees or is told of data
@@ -117,13 +114,14 @@ async def open_sqlite_storage(
     except sqlite3.Error as exc:
         _reraise(exc)
     storage = SqliteStorage(conn, limiter)
-    trio.lowlevel.spawn_system_task(storage._serve, name=f"sqlite writer ({path.name})")
-    try:
-        yield storage
-    finally:
-        with trio.move_on_after(CLOSE_GRACE_S, shield=True):
-            await storage.aclose()
-        storage._abandon()  # a no-op unless the grace ran out with a batch running
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storage._serve, name=f"sqlite writer ({path.name})")
+        try:
+            yield storage
+        finally:
+            with trio.move_on_after(CLOSE_GRACE_S, shield=True):
+                await storage.aclose()
+            storage._abandon()  # a no-op unless the grace ran out with a batch running
 
 
 def migrate_sqlite(path: Path, *, clock: WallClock = system_clock) -> int:
@@ -240,7 +238,8 @@ class SqliteStorage:
             self._writer.cancel()
 
     async def _serve(self) -> None:
-        """The writer (a system task): run the queued calls in batches until closed."""
+        """The writer (a task of the storage's nursery): run the queued calls in
+        batches until closed."""
         try:
             with self._writer:
                 while batch := await self._next_batch():

