@@ -18,6 +18,11 @@ and waits for it from Trio (``trio_asyncio.aio_as_trio``), so:
   bounded cleanup (an open transaction is rolled back; no reset query is
   sent, see :func:`_keep_session`); one that cannot be cleaned up in time
   is terminated rather than returned dirty.
+- Crossings: every ``aio_call`` costs the single event-loop thread an
+  asyncio Task, futures and a Trio reschedule. A statement run through
+  ``acquire()`` makes three (acquire, query, release); the pool's one-shot
+  methods (:meth:`PgPool.fetchrow` and friends) run all three steps as one
+  asyncio coroutine, so one crossing, for every call that is one statement.
 
 Why not ``triopg``: see ``bench/pg_bridge.py`` and the README. In short, it
 needs the unmaintained ``async_generator``, is untyped (``__getattr__``
@@ -28,6 +33,7 @@ both are the same ``aio_as_trio`` call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -71,7 +77,12 @@ class Row(Protocol):
 
 @attrs.frozen
 class PgPoolStatistics:
-    """The pool as asyncpg sees it, plus the calls waiting for a connection."""
+    """The pool as asyncpg sees it, plus the calls waiting for a connection.
+
+    ``waiting`` is approximate: it counts calls between starting to acquire
+    and holding a connection (or giving up), including the time spent
+    opening a new connection; a call that finds one idle is never counted.
+    """
 
     size: int  # open connections
     idle: int
@@ -85,16 +96,23 @@ async def aio_call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -
     return cast(T, await trio_asyncio.aio_as_trio(fn)(*args, **kwargs))
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection-level failure (see :data:`UNAVAILABLE_ERRORS`)."""
+    if not isinstance(exc, UNAVAILABLE_ERRORS):
+        return False
+    # InterfaceError itself means a closed connection or pool; its
+    # subclasses (bad client configuration or arguments, unsupported
+    # features) are mistakes to surface, not outages.
+    return not (isinstance(exc, asyncpg.InterfaceError) and type(exc) is not asyncpg.InterfaceError)
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
     """Turn connection-level failures into :class:`StorageUnavailable`."""
     try:
         yield
     except UNAVAILABLE_ERRORS as exc:
-        # InterfaceError itself means a closed connection or pool; its
-        # subclasses (bad client configuration or arguments, unsupported
-        # features) are mistakes to surface, not outages.
-        if isinstance(exc, asyncpg.InterfaceError) and type(exc) is not asyncpg.InterfaceError:
+        if not is_unavailable(exc):
             raise
         logger.warning("database unavailable: %s", type(exc).__name__)
         raise StorageUnavailable() from exc
@@ -103,6 +121,21 @@ def translate_errors() -> Iterator[None]:
 def rows_affected(status: str) -> int:
     """The row count of a command status such as ``DELETE 3`` or ``INSERT 0 1``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+class PgQueries(Protocol):
+    """What runs one statement: a borrowed :class:`PgConnection`, or the
+    :class:`PgPool` itself (its one-shot methods borrow a connection for the
+    statement alone). Query functions that issue a single statement take
+    this, so the storage can hand them the pool and spend one crossing."""
+
+    async def execute(self, query: str, *args: object) -> str: ...
+
+    async def fetch(self, query: str, *args: object) -> list[Row]: ...
+
+    async def fetchrow(self, query: str, *args: object) -> Row | None: ...
+
+    async def fetchval(self, query: str, *args: object) -> Any: ...
 
 
 class PgConnection:
@@ -162,7 +195,13 @@ class PgConnection:
 
 
 class PgPool:
-    """A pool of connections; use :meth:`acquire` to borrow one."""
+    """A pool of connections; use :meth:`acquire` to borrow one.
+
+    A single statement needs no borrowed connection: :meth:`execute`,
+    :meth:`fetch`, :meth:`fetchrow` and :meth:`fetchval` borrow one for the
+    statement alone, in one crossing of the bridge instead of three. Use
+    :meth:`acquire` for transactions and several statements in a row.
+    """
 
     def __init__(self, raw: Any, *, acquire_timeout_s: float, cleanup_grace_s: float) -> None:
         self._raw = raw
@@ -213,6 +252,116 @@ class PgPool:
                 logger.debug("release failed: %s", type(exc).__name__)
         if scope.cancelled_caught:
             raw.terminate()
+
+    # -- one-shot statements: acquire, query and release in one crossing ------
+
+    async def execute(self, query: str, *args: object) -> str:
+        """Run one statement on a connection borrowed for it alone; see :meth:`_one_shot`."""
+        return cast(str, await self._one_shot("execute", query, args))
+
+    async def fetch(self, query: str, *args: object) -> list[Row]:
+        """All rows of one statement, on a connection borrowed for it alone."""
+        return cast("list[Row]", await self._one_shot("fetch", query, args))
+
+    async def fetchrow(self, query: str, *args: object) -> Row | None:
+        """The first row of one statement, on a connection borrowed for it alone."""
+        return cast("Row | None", await self._one_shot("fetchrow", query, args))
+
+    async def fetchval(self, query: str, *args: object) -> Any:
+        """The first value of one statement, on a connection borrowed for it alone."""
+        return await self._one_shot("fetchval", query, args)
+
+    async def _one_shot(self, method: str, query: str, args: tuple[object, ...]) -> Any:
+        """Acquire, run ``con.<method>(query, *args)`` and release: ONE crossing.
+
+        Same contract as ``async with pool.acquire() as con: await
+        con.<method>(...)``, which costs three crossings of the bridge (an
+        asyncio Task, futures and a Trio reschedule each, on the one
+        event-loop thread); here the three steps are one asyncio coroutine,
+        :meth:`_one_shot_aio`, run by one ``aio_call``:
+
+        - no connection within the acquire timeout (pool exhausted, or
+          connecting too slow): :class:`StorageUnavailable` ("no database
+          connection became available in time"), as :meth:`acquire`;
+        - a connection-level failure mid-statement: the connection is
+          terminated, never reused, and :class:`StorageUnavailable` raised;
+          SQL errors pass through unchanged;
+        - cancellation: a Trio cancel scope that fires cancels the asyncio
+          task (``aio_as_trio``), once; asyncpg sends the server a
+          CancelRequest, and the coroutine's ``finally`` releases the
+          connection, which waits (bounded by the cleanup grace) for the
+          server to confirm before the connection is idle again, or
+          terminates it. Trio waits for the task to end, so when the caller
+          sees ``Cancelled`` the connection is back or gone.
+        """
+        with translate_errors():
+            return await aio_call(self._one_shot_aio, method, query, args)
+
+    async def _one_shot_aio(self, method: str, query: str, args: tuple[object, ...]) -> Any:
+        """The asyncio side of :meth:`_one_shot` (runs as one asyncio Task).
+
+        Why not asyncpg's ``Pool.fetchrow``: it acquires with no timeout, so
+        an exhausted pool would hang the call until the caller's deadline
+        instead of failing fast; it also cannot terminate the connection on
+        a connection-level failure before releasing it.
+        """
+        raw_pool = self._raw
+        # Approximate, as documented on PgPoolStatistics.waiting: a call
+        # counts from the moment its task starts acquiring until it has a
+        # connection (or gives up). A call that finds an idle connection
+        # never suspends in between, so it is never seen waiting.
+        self._waiting += 1
+        try:
+            # asyncio.timeout rather than acquire(timeout=...): asyncpg's
+            # timeout is a wait_for, one more Task per call, the cost this
+            # path exists to avoid. Cancelled here, asyncpg's acquire puts
+            # the holder back (Pool._acquire_impl), so nothing leaks.
+            async with asyncio.timeout(self._acquire_timeout_s):
+                con = await raw_pool.acquire()
+        except TimeoutError:
+            logger.warning("database unavailable: no connection within the acquire timeout")
+            raise StorageUnavailable("no database connection became available in time") from None
+        finally:
+            self._waiting -= 1
+        try:
+            return await getattr(con, method)(query, *args)
+        except UNAVAILABLE_ERRORS as exc:
+            if is_unavailable(exc):
+                # The same rule as acquire()'s ``except StorageUnavailable``:
+                # asyncpg may hold the connection in a half-finished protocol
+                # state, so it never serves another call. Terminating detaches
+                # it from its holder; the release below is then a no-op.
+                con.terminate()
+            raise
+        finally:
+            await self._release_aio(con)
+
+    async def _release_aio(self, con: Any) -> None:
+        """Give ``con`` back to the pool from asyncio; never raises but CancelledError.
+
+        ``Pool.release`` is safe after a cancelled query (asyncpg 0.32,
+        ``pool.py``, ``PoolConnectionHolder.release``): it waits for the
+        server to acknowledge the CancelRequest (``_wait_for_cancellation``),
+        rolls back an open transaction (``Connection._reset``), then runs our
+        no-op reset; all bounded by ``timeout``, and any failure or timeout
+        there terminates the connection instead of returning it dirty. It
+        runs the release under ``asyncio.shield``.
+
+        Errors are logged, not raised, as :meth:`_release`: the statement's
+        own outcome is what the caller must see. A cancel that arrives while
+        this awaits (the statement had already finished; Trio cancels the
+        task only once, so not when the statement itself was cancelled) is
+        absorbed: the shielded release carries on, bounded, in the
+        background, and the caller gets the statement's result, as the
+        shielded :meth:`_release` gives it. A CancelledError already in
+        flight from the statement keeps propagating past this ``finally``.
+        """
+        try:
+            await self._raw.release(con, timeout=self._cleanup_grace_s)
+        except asyncio.CancelledError:
+            logger.debug("release cancelled; it finishes in the background")
+        except Exception as exc:
+            logger.debug("release failed: %s", type(exc).__name__)
 
     def statistics(self) -> PgPoolStatistics:
         size = self._raw.get_size()

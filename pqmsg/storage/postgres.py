@@ -4,8 +4,12 @@
 :mod:`pqmsg.storage.pgbridge`, so it must run inside a trio-asyncio loop),
 applies pending migrations under an advisory lock, and yields a
 :class:`PostgresStorage`. The queries live in ``postgres_accounts``,
-``postgres_keys`` and ``postgres_messages``; this class borrows a connection
-per call and bounds the whole call by ``query_timeout_s``.
+``postgres_keys`` and ``postgres_messages``; this class bounds the whole
+call by ``query_timeout_s``. A call that is one statement (the hot ones: a
+send, fetch, ack, the device lookup of authentication) runs on the pool's
+one-shot methods, one crossing of the trio-asyncio bridge; a call of several
+statements borrows a connection for them (a crossing per statement, plus
+acquire and release).
 
 Errors: a call that cannot reach the database, or does not finish within
 ``query_timeout_s``, raises :class:`pqmsg.errors.StorageUnavailable` (the
@@ -15,8 +19,8 @@ in the contract.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
@@ -59,10 +63,22 @@ class PostgresStorage:
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[PgConnection]:
         """A connection for one call, the whole call bounded by the query timeout."""
+        with self._deadline():
+            async with self._pool.acquire() as con:
+                yield con
+
+    @contextmanager
+    def _deadline(self) -> Iterator[None]:
+        """Bound a call by the query timeout; past it, StorageUnavailable.
+
+        For one-statement calls, which run on the pool's one-shot methods
+        (``with self._deadline(): await q(self._pool, ...)``): the deadline
+        covers acquiring, the statement and releasing, as for
+        :meth:`_connection`.
+        """
         try:
             with trio.fail_after(self._query_timeout_s):
-                async with self._pool.acquire() as con:
-                    yield con
+                yield
         except trio.TooSlowError as exc:
             raise StorageUnavailable("the database did not answer in time") from exc
 
@@ -73,8 +89,8 @@ class PostgresStorage:
         )
 
     async def ping(self) -> None:
-        async with self._connection() as con:
-            await con.fetchval("SELECT 1")
+        with self._deadline():
+            await self._pool.fetchval("SELECT 1")
 
     # -- accounts and devices -------------------------------------------------
 
@@ -89,24 +105,24 @@ class PostgresStorage:
             return await accounts.delete_account(con, account)
 
     async def get_identity_key(self, account: str) -> bytes | None:
-        async with self._connection() as con:
-            return await accounts.get_identity_key(con, account)
+        with self._deadline():
+            return await accounts.get_identity_key(self._pool, account)
 
     async def get_device_auth(self, account: str, device: int) -> DeviceAuth | None:
-        async with self._connection() as con:
-            return await accounts.get_device_auth(con, account, device)
+        with self._deadline():
+            return await accounts.get_device_auth(self._pool, account, device)
 
     async def touch_device(self, account: str, device: int, *, now: float) -> None:
-        async with self._connection() as con:
-            await accounts.touch_device(con, account, device, now=now)
+        with self._deadline():
+            await accounts.touch_device(self._pool, account, device, now=now)
 
     async def list_devices(self, account: str) -> tuple[DeviceInfo, ...]:
-        async with self._connection() as con:
-            return await accounts.list_devices(con, account)
+        with self._deadline():
+            return await accounts.list_devices(self._pool, account)
 
     async def active_device_ids(self, account: str) -> tuple[int, ...]:
-        async with self._connection() as con:
-            return await accounts.active_device_ids(con, account)
+        with self._deadline():
+            return await accounts.active_device_ids(self._pool, account)
 
     async def revoke_device(self, account: str, device: int, *, now: float) -> bool:
         async with self._connection() as con:
@@ -115,16 +131,16 @@ class PostgresStorage:
     async def create_provisioning_token(
         self, account: str, token_hash: bytes, *, expires_at: float
     ) -> None:
-        async with self._connection() as con:
+        with self._deadline():
             await accounts.create_provisioning_token(
-                con, account, token_hash, expires_at=expires_at
+                self._pool, account, token_hash, expires_at=expires_at
             )
 
     async def get_provisioning_grant(
         self, token_hash: bytes, *, now: float
     ) -> ProvisioningGrant | None:
-        async with self._connection() as con:
-            return await accounts.get_provisioning_grant(con, token_hash, now=now)
+        with self._deadline():
+            return await accounts.get_provisioning_grant(self._pool, token_hash, now=now)
 
     async def link_device(self, token_hash: bytes, device: NewDevice, *, now: float) -> int:
         async with self._connection() as con:
@@ -149,8 +165,8 @@ class PostgresStorage:
             return await keys.take_bundle(con, account, device)
 
     async def count_stale_signed_prekeys(self, *, older_than: float) -> int:
-        async with self._connection() as con:
-            return await keys.count_stale_signed_prekeys(con, older_than=older_than)
+        with self._deadline():
+            return await keys.count_stale_signed_prekeys(self._pool, older_than=older_than)
 
     # -- messages -------------------------------------------------------------
 
@@ -164,9 +180,9 @@ class PostgresStorage:
         now: float,
         idempotency_window_s: float,
     ) -> StoreResult:
-        async with self._connection() as con:
+        with self._deadline():
             return await messages.store_messages(
-                con,
+                self._pool,
                 sender,
                 message_id,
                 recipient,
@@ -178,34 +194,34 @@ class PostgresStorage:
     async def fetch_messages(
         self, account: str, device: int, *, limit: int
     ) -> tuple[tuple[QueuedMessage, ...], bool]:
-        async with self._connection() as con:
-            return await messages.fetch_messages(con, account, device, limit=limit)
+        with self._deadline():
+            return await messages.fetch_messages(self._pool, account, device, limit=limit)
 
     async def ack_messages(self, account: str, device: int, ids: Sequence[str]) -> int:
-        async with self._connection() as con:
-            return await messages.ack_messages(con, account, device, ids)
+        with self._deadline():
+            return await messages.ack_messages(self._pool, account, device, ids)
 
     async def purge_idempotency(self, *, older_than: float) -> int:
-        async with self._connection() as con:
-            return await messages.purge_idempotency(con, older_than=older_than)
+        with self._deadline():
+            return await messages.purge_idempotency(self._pool, older_than=older_than)
 
     # -- push -----------------------------------------------------------------
 
     async def set_push_target(self, account: str, device: int, target: PushTarget) -> None:
-        async with self._connection() as con:
-            await accounts.set_push_target(con, account, device, target)
+        with self._deadline():
+            await accounts.set_push_target(self._pool, account, device, target)
 
     async def delete_push_target(self, account: str, device: int) -> bool:
-        async with self._connection() as con:
-            return await accounts.delete_push_target(con, account, device)
+        with self._deadline():
+            return await accounts.delete_push_target(self._pool, account, device)
 
     async def get_push_target(self, account: str, device: int) -> PushTarget | None:
-        async with self._connection() as con:
-            return await accounts.get_push_target(con, account, device)
+        with self._deadline():
+            return await accounts.get_push_target(self._pool, account, device)
 
     async def drop_push_token(self, target: PushTarget) -> int:
-        async with self._connection() as con:
-            return await accounts.drop_push_token(con, target)
+        with self._deadline():
+            return await accounts.drop_push_token(self._pool, target)
 
 
 @asynccontextmanager

@@ -1,7 +1,10 @@
 """PostgreSQL queries for accounts, devices, provisioning tokens and push targets.
 
-Each function runs on a borrowed :class:`~pqmsg.storage.pgbridge.PgConnection`
-and keeps multi-row changes in one transaction. Membership changes (linking,
+Functions of several statements run on a borrowed
+:class:`~pqmsg.storage.pgbridge.PgConnection` and keep multi-row changes in
+one transaction; those of one statement take any
+:class:`~pqmsg.storage.pgbridge.PgQueries`, so the storage passes the pool
+and the call costs one crossing of the bridge. Membership changes (linking,
 revoking, deleting the account) lock the account row ``FOR UPDATE``; a send
 locks it ``FOR SHARE`` (see :mod:`pqmsg.storage.postgres_messages`), so a
 send's device-set check never races a change of that set.
@@ -19,7 +22,7 @@ from pqmsg.storage.base import (
     ProvisioningGrant,
     PushTarget,
 )
-from pqmsg.storage.pgbridge import PgConnection, rows_affected
+from pqmsg.storage.pgbridge import PgConnection, PgQueries, rows_affected
 
 _INSERT_DEVICE = """
 INSERT INTO devices (account, device, device_key, certificate, name, created_at)
@@ -60,14 +63,14 @@ async def delete_account(con: PgConnection, account: str) -> tuple[int, ...]:
     return tuple(row["device"] for row in rows)
 
 
-async def get_identity_key(con: PgConnection, account: str) -> bytes | None:
+async def get_identity_key(con: PgQueries, account: str) -> bytes | None:
     key: bytes | None = await con.fetchval(
         "SELECT identity_key FROM accounts WHERE account = $1", account
     )
     return key
 
 
-async def get_device_auth(con: PgConnection, account: str, device: int) -> DeviceAuth | None:
+async def get_device_auth(con: PgQueries, account: str, device: int) -> DeviceAuth | None:
     row = await con.fetchrow(
         "SELECT device_key, revoked_at, last_seen_at FROM devices"
         " WHERE account = $1 AND device = $2",
@@ -83,7 +86,7 @@ async def get_device_auth(con: PgConnection, account: str, device: int) -> Devic
     )
 
 
-async def touch_device(con: PgConnection, account: str, device: int, *, now: float) -> None:
+async def touch_device(con: PgQueries, account: str, device: int, *, now: float) -> None:
     # GREATEST: a late, slower request must not move last_seen_at back.
     await con.execute(
         "UPDATE devices SET last_seen_at = GREATEST(coalesce(last_seen_at, $3), $3)"
@@ -94,7 +97,7 @@ async def touch_device(con: PgConnection, account: str, device: int, *, now: flo
     )
 
 
-async def list_devices(con: PgConnection, account: str) -> tuple[DeviceInfo, ...]:
+async def list_devices(con: PgQueries, account: str) -> tuple[DeviceInfo, ...]:
     rows = await con.fetch(
         "SELECT device, name, created_at, last_seen_at FROM devices"
         " WHERE account = $1 AND revoked_at IS NULL ORDER BY device",
@@ -111,7 +114,7 @@ async def list_devices(con: PgConnection, account: str) -> tuple[DeviceInfo, ...
     )
 
 
-async def active_device_ids(con: PgConnection, account: str) -> tuple[int, ...]:
+async def active_device_ids(con: PgQueries, account: str) -> tuple[int, ...]:
     rows = await con.fetch(
         "SELECT device FROM devices WHERE account = $1 AND revoked_at IS NULL ORDER BY device",
         account,
@@ -152,7 +155,7 @@ async def revoke_device(con: PgConnection, account: str, device: int, *, now: fl
 
 
 async def create_provisioning_token(
-    con: PgConnection, account: str, token_hash: bytes, *, expires_at: float
+    con: PgQueries, account: str, token_hash: bytes, *, expires_at: float
 ) -> None:
     status = await con.execute(
         "INSERT INTO provisioning_tokens (token_hash, account, expires_at)"
@@ -166,7 +169,7 @@ async def create_provisioning_token(
 
 
 async def get_provisioning_grant(
-    con: PgConnection, token_hash: bytes, *, now: float
+    con: PgQueries, token_hash: bytes, *, now: float
 ) -> ProvisioningGrant | None:
     row = await con.fetchrow(
         "SELECT t.account, a.identity_key, t.expires_at"
@@ -225,7 +228,7 @@ async def link_device(
     return new_id
 
 
-async def set_push_target(con: PgConnection, account: str, device: int, target: PushTarget) -> None:
+async def set_push_target(con: PgQueries, account: str, device: int, target: PushTarget) -> None:
     """Set the device's push target; a no-op for unknown or revoked devices."""
     await con.execute(
         "INSERT INTO push_targets (account, device, provider, token)"
@@ -240,14 +243,14 @@ async def set_push_target(con: PgConnection, account: str, device: int, target: 
     )
 
 
-async def delete_push_target(con: PgConnection, account: str, device: int) -> bool:
+async def delete_push_target(con: PgQueries, account: str, device: int) -> bool:
     status = await con.execute(
         "DELETE FROM push_targets WHERE account = $1 AND device = $2", account, device
     )
     return rows_affected(status) > 0
 
 
-async def get_push_target(con: PgConnection, account: str, device: int) -> PushTarget | None:
+async def get_push_target(con: PgQueries, account: str, device: int) -> PushTarget | None:
     row = await con.fetchrow(
         "SELECT provider, token FROM push_targets WHERE account = $1 AND device = $2",
         account,
@@ -258,7 +261,7 @@ async def get_push_target(con: PgConnection, account: str, device: int) -> PushT
     return PushTarget(provider=row["provider"], token=row["token"])
 
 
-async def drop_push_token(con: PgConnection, target: PushTarget) -> int:
+async def drop_push_token(con: PgQueries, target: PushTarget) -> int:
     status = await con.execute(
         "DELETE FROM push_targets WHERE provider = $1 AND token = $2",
         target.provider,

@@ -20,7 +20,7 @@ from pqmsg.storage.base import (
     OneTimeKey,
     SignedKey,
 )
-from pqmsg.storage.pgbridge import PgConnection, Row
+from pqmsg.storage.pgbridge import PgConnection, PgQueries, Row
 
 # Kinds as stored: signed X25519 prekey and ML-KEM last-resort key; one-time
 # X25519 and ML-KEM keys.
@@ -230,7 +230,7 @@ def _device_bundle(device: int, signed: list[Row], taken: list[Row]) -> DeviceBu
     )
 
 
-async def count_stale_signed_prekeys(con: PgConnection, *, older_than: float) -> int:
+async def count_stale_signed_prekeys(con: PgQueries, *, older_than: float) -> int:
     count: int = await con.fetchval(
         "SELECT count(*) FROM signed_prekeys s JOIN devices d USING (account, device)"
         " WHERE s.kind = 'spk' AND s.created_at < $1 AND d.revoked_at IS NULL",

@@ -18,7 +18,9 @@ A send is one round trip: the ``store_messages`` database function
 The refusals come back as an outcome with their details rather than as
 database errors, and are raised here as the contract's errors. Several
 statements inside one ``BEGIN ... COMMIT`` cost a round trip (and a
-crossing of the trio-asyncio bridge) each; the function costs one.
+crossing of the trio-asyncio bridge) each; the function costs one. Every
+function here is one statement, so the storage runs them on the pool's
+one-shot methods: acquire, statement and release in one crossing.
 
 Fetch walks the ``(recipient, seq)`` index and ack deletes by primary key,
 so neither slows down as the table grows.
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 
 from pqmsg.errors import BadRequest, DeviceMismatch, NotFound
 from pqmsg.storage.base import OutgoingCopy, QueuedMessage, Sender, StoreResult
-from pqmsg.storage.pgbridge import PgConnection, Row, rows_affected
+from pqmsg.storage.pgbridge import PgQueries, Row, rows_affected
 
 # One send, atomically; see the module docstring. Copy ids (uuid4) are made here.
 STORE_SQL = """
@@ -54,7 +56,7 @@ WHERE id = ANY($3::uuid[]) AND recipient_account = $1 AND recipient_device = $2
 
 
 async def store_messages(
-    con: PgConnection,
+    con: PgQueries,
     sender: Sender,
     message_id: str,
     recipient: str,
@@ -101,7 +103,7 @@ def _store_result(row: Row) -> StoreResult:
 
 
 async def fetch_messages(
-    con: PgConnection, account: str, device: int, *, limit: int
+    con: PgQueries, account: str, device: int, *, limit: int
 ) -> tuple[tuple[QueuedMessage, ...], bool]:
     if limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
@@ -124,7 +126,7 @@ async def fetch_messages(
     return messages, len(rows) > limit
 
 
-async def ack_messages(con: PgConnection, account: str, device: int, ids: Sequence[str]) -> int:
+async def ack_messages(con: PgQueries, account: str, device: int, ids: Sequence[str]) -> int:
     wanted = [parsed for parsed in map(_uuid_or_none, ids) if parsed is not None]
     if not wanted:
         return 0
@@ -139,6 +141,6 @@ def _uuid_or_none(text: str) -> str | None:
         return None
 
 
-async def purge_idempotency(con: PgConnection, *, older_than: float) -> int:
+async def purge_idempotency(con: PgQueries, *, older_than: float) -> int:
     status = await con.execute("DELETE FROM sent_messages WHERE created_at < $1", older_than)
     return rows_affected(status)

@@ -8,6 +8,10 @@ pool and the server and counts the client's messages that wait for an
 answer: ``Q`` (simple query), ``S`` (Sync, the end of an extended-protocol
 exchange) and ``H`` (Flush, which asyncpg sends to prepare a statement).
 
+A call that is one statement is also one crossing of the trio-asyncio
+bridge (acquire, statement and release in one asyncio coroutine), counted
+by wrapping ``pgbridge.aio_call``.
+
 Also here: what a connection carries back into the pool now that release
 sends no reset query (no open transaction, no LISTEN).
 """
@@ -15,9 +19,10 @@ sends no reset query (no open transaction, no LISTEN).
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -27,7 +32,8 @@ import trio_asyncio
 from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import DeviceMismatch, NotFound
 from pqmsg.settings import StorageSettings
-from pqmsg.storage.base import Sender
+from pqmsg.storage import pgbridge
+from pqmsg.storage.base import PushTarget, Sender
 from pqmsg.storage.pgbridge import open_pg_pool
 from pqmsg.storage.pgbus import open_pg_bus
 from pqmsg.storage.postgres import PostgresStorage, open_postgres_storage
@@ -193,6 +199,91 @@ async def test_authentication_lookup_is_one_round_trip(
             auth = await db.get_device_auth(alice, 1)
         assert auth is not None and not auth.revoked
         assert trips.last == 1
+
+
+class Crossings:
+    """Counts crossings of the trio-asyncio bridge (``pgbridge.aio_call``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = pgbridge.aio_call
+
+        async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(pgbridge, "aio_call", counting)
+
+
+async def test_hot_calls_are_one_round_trip_and_one_crossing(
+    storage_and_counter: tuple[PostgresStorage, RoundTripCounter],
+    now: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db, counter = storage_and_counter
+    with trio.fail_after(DEADLINE_S):
+        alice = await make_account(db, now)
+        bob = await make_account(db, now)
+        await db.set_push_target(bob, 1, PushTarget(provider="apns", token="t"))
+        sender = Sender(alice, 1)
+
+        async def send() -> None:
+            await db.store_messages(
+                sender, new_id(), bob, copies(1), now=now, idempotency_window_s=WINDOW_S
+            )
+
+        async def ack() -> None:
+            queued, _ = await db.fetch_messages(bob, 1, limit=10)
+            await db.ack_messages(bob, 1, [queued[0].id])
+
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "store_messages": send,
+            "get_device_auth": partial(db.get_device_auth, alice, 1),
+            "touch_device": partial(db.touch_device, alice, 1, now=now),
+            "fetch_messages": partial(db.fetch_messages, bob, 1, limit=10),
+            "get_push_target": partial(db.get_push_target, bob, 1),
+            "ping": db.ping,
+            "purge_idempotency": partial(db.purge_idempotency, older_than=now - WINDOW_S),
+        }
+        for call in calls.values():
+            await call()  # prepares the statements
+        await ack()
+        crossings = Crossings(monkeypatch)
+        trips = Trips(counter)
+        for name, call in calls.items():
+            crossings.count = 0
+            with trips:
+                await call()
+            assert (name, trips.last, crossings.count) == (name, 1, 1)
+        await send()
+        crossings.count = 0
+        with trips:
+            await ack()  # a fetch, then an ack
+        assert (trips.last, crossings.count) == (2, 2)
+
+
+async def test_bus_publishes_are_one_round_trip_and_one_crossing(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_aio_loop(), counted(url) as (counter, relayed):
+        async with open_pg_bus(relayed, timeout_s=5) as bus:
+            with trio.fail_after(DEADLINE_S):
+                account = new_id()
+                await bus.publish("message", account, 1)  # prepares the statements
+                await bus.publish_many([("message", account, 1)])
+                crossings = Crossings(monkeypatch)
+                trips = Trips(counter)
+                with trips:
+                    await bus.publish("message", account, 1)
+                assert (trips.last, crossings.count) == (1, 1)
+                crossings.count = 0
+                with trips:
+                    await bus.publish_many([("message", account, d) for d in range(1, 6)])
+                assert (trips.last, crossings.count) == (1, 1)
+                with trips:
+                    await bus.publish_many([])
+                assert (trips.last, crossings.count) == (0, 1)
+                assert bus.statistics().published_total == 1 + 1 + 1 + 5
 
 
 # -- what a released connection carries back -----------------------------------

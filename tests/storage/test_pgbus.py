@@ -86,6 +86,23 @@ async def test_a_publish_reaches_the_other_replica_only(
         assert (a.bus.statistics().published_total, b.bus.statistics().delivered_total) == (1, 1)
 
 
+async def test_publish_many_reaches_the_other_replica_in_order(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    with trio.fail_after(DEADLINE_S):
+        sent: list[Wake] = [("message", ACCOUNT, 1), ("close", ACCOUNT, 2), ("message", ACCOUNT, 3)]
+        await a.bus.publish_many(sent)
+        await a.bus.publish_many([])  # nothing to send
+        last: Wake = ("message", ACCOUNT, 4)
+        await a.bus.publish(*last)  # a marker: nothing more of the batch arrives after it
+        while await b.next_wake() != last:
+            pass
+        assert b.delivered == [*sent, last]
+        assert a.delivered == []
+        assert a.bus.statistics().published_total == 4
+
+
 async def test_malformed_wake_ups_are_ignored(replicas: tuple[Replica, Replica], url: str) -> None:
     a, b = replicas
     with trio.fail_after(DEADLINE_S):
