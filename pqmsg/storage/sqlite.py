@@ -81,14 +81,7 @@ from pqmsg.storage.base import (
     Sender,
     StoreResult,
 )
-from pqmsg.storage.sqlite_connection import (
-    connect,
-    connect_reader,
-    is_busy,
-    run_batch,
-    schema_version,
-    unavailable,
-)
+from pqmsg.storage.sqlite_connection import connect, run_batch, schema_version, unavailable
 
 __all__ = ["BatchStatistics", "SqliteStorage", "migrate_sqlite", "open_sqlite_storage"]
 
@@ -118,14 +111,9 @@ async def open_sqlite_storage(
     opener = functools.partial(connect, path, busy_timeout_s=busy_timeout_s, now=clock())
     try:
         conn = await trio.to_thread.run_sync(opener, limiter=limiter)
-        try:
-            reader = await trio.to_thread.run_sync(connect_reader, path, limiter=limiter)
-        except BaseException:
-            conn.close()
-            raise
     except sqlite3.Error as exc:
         _reraise(exc)
-    storage = SqliteStorage(conn, limiter, reader=reader)
+    storage = SqliteStorage(conn, limiter)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(storage._serve, name=f"sqlite writer ({path.name})")
         try:
@@ -162,8 +150,6 @@ class BatchStatistics:
 
     batches: int  # transactions run (each one COMMIT, one thread hop)
     calls: int  # storage calls they carried
-    direct_reads: int = 0  # reads served on the event loop by the read-only connection
-    busy_reads: int = 0  # of those, reads that met a lock and took a batch instead
 
 
 @final
@@ -196,17 +182,8 @@ class SqliteStorage:
 
     name = "sqlite"
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        limiter: trio.CapacityLimiter,
-        *,
-        reader: sqlite3.Connection | None = None,
-    ) -> None:
+    def __init__(self, conn: sqlite3.Connection, limiter: trio.CapacityLimiter) -> None:
         self._conn = conn
-        self._reader = reader  # read-only, used on the event loop (see _read)
-        self._direct_reads = 0
-        self._busy_reads = 0
         self._limiter = limiter  # the thread hops of this connection, one at a time
         self._queue: dict[_Call[Any], None] = {}  # FIFO, with O(1) removal on cancel
         self._wakeup = trio.lowlevel.ParkingLot()  # the idle writer parks here
@@ -229,12 +206,7 @@ class SqliteStorage:
         )
 
     def batch_statistics(self) -> BatchStatistics:
-        return BatchStatistics(
-            batches=self._batches,
-            calls=self._batched_calls,
-            direct_reads=self._direct_reads,
-            busy_reads=self._busy_reads,
-        )
+        return BatchStatistics(batches=self._batches, calls=self._batched_calls)
 
     async def aclose(self) -> None:
         """Let the running batch finish, refuse the queued calls, close the connection."""
@@ -245,8 +217,6 @@ class SqliteStorage:
             return
         self._disconnected = trio.Event()
         try:
-            if self._reader is not None:
-                self._reader.close()
             if not self._abandoned:  # else a thread still uses it
                 await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
         finally:
@@ -318,34 +288,6 @@ class SqliteStorage:
                     else outcome.Error(StorageUnavailable(lost))
                 )
 
-    async def _read(
-        self,
-        fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
-        *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> _T:
-        """Run the read ``fn(reader, ...)`` right here on the event loop.
-
-        For the reads of every request (the device lookup of authentication,
-        a queue fetch): an indexed read from SQLite's page cache takes tens of
-        microseconds, less than a thread hop costs, and it needs no place in
-        a commit batch. The reader sees committed data only (never a batch in
-        progress), as every caller is answered after its commit. If the
-        reader meets a lock (it never waits for one), the read takes the
-        batched path instead.
-        """
-        if self._closed or self._reader is None:
-            return await self._call(fn, *args, **kwargs)
-        try:
-            result = fn(self._reader, *args, **kwargs)
-        except sqlite3.Error as exc:
-            if not is_busy(exc):
-                _reraise(exc)
-            self._busy_reads += 1
-            return await self._call(fn, *args, **kwargs)
-        self._direct_reads += 1
-        return result
-
     async def _call(
         self,
         fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
@@ -389,7 +331,7 @@ class SqliteStorage:
         return await self._call(accounts.get_identity_key, account)
 
     async def get_device_auth(self, account: str, device: int) -> DeviceAuth | None:
-        return await self._read(accounts.get_device_auth, account, device)
+        return await self._call(accounts.get_device_auth, account, device)
 
     async def touch_device(self, account: str, device: int, *, now: float) -> None:
         await self._call(accounts.touch_device, account, device, now)
@@ -458,7 +400,7 @@ class SqliteStorage:
     async def fetch_messages(
         self, account: str, device: int, *, limit: int
     ) -> tuple[tuple[QueuedMessage, ...], bool]:
-        return await self._read(messages.fetch_messages, account, device, limit)
+        return await self._call(messages.fetch_messages, account, device, limit)
 
     async def ack_messages(self, account: str, device: int, ids: Sequence[str]) -> int:
         return await self._call(messages.ack_messages, account, device, ids)

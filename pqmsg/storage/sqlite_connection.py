@@ -87,41 +87,6 @@ def connect(path: Path, *, busy_timeout_s: float, now: float) -> sqlite3.Connect
     return conn
 
 
-READER_CACHE_SIZE_KIB = 8 * 1024
-
-
-def connect_reader(path: Path) -> sqlite3.Connection:
-    """A second, read-only connection to a database :func:`connect` made.
-
-    It never waits for a lock (``timeout=0``): a read that finds the file
-    busy fails at once with SQLITE_BUSY, and the caller takes the slow path
-    instead of blocking whatever thread it runs on. In WAL mode readers are
-    not blocked by the writer, so that is rare (a checkpoint restarting the
-    WAL, a recovery).
-    """
-    conn = sqlite3.connect(
-        f"{path.resolve().as_uri()}?mode=ro",
-        uri=True,
-        timeout=0,
-        isolation_level=None,
-        check_same_thread=False,  # opened on a worker thread, used on the event loop
-        cached_statements=STATEMENT_CACHE_SIZE,
-    )
-    try:
-        conn.execute("PRAGMA query_only = ON")
-        conn.execute(f"PRAGMA cache_size = -{READER_CACHE_SIZE_KIB}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def is_busy(exc: sqlite3.Error) -> bool:
-    """The error of a lock that a read with no busy timeout did not get."""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
 @contextmanager
 def write(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction: all of the block's changes, or none of them.

@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from pqmsg.errors import BadRequest, Conflict, NotFound, StorageUnavailable
-from pqmsg.storage.base import DeviceAuth, PoolStatistics, Sender, StoreResult
+from pqmsg.storage.base import PoolStatistics, Sender, StoreResult
 from pqmsg.storage.sqlite import (
     BATCH_MAX_CALLS,
     CLOSE_GRACE_S,
@@ -299,13 +299,11 @@ async def test_a_failed_commit_answers_the_whole_batch_unavailable(tmp_path: Pat
                         },
                     )
                     release()
-            assert grew(db, before) == (2, 6)  # the fetch is read on the event loop
+            assert grew(db, before) == (2, 7)
             assert isinstance(outcomes.results.pop("first"), StoreResult)
-            # It read before any of these committed, and saw none of them.
-            assert outcomes.results.pop("reader") == ((), False)
             assert isinstance(outcomes.errors.pop("refused"), Conflict)
             # Nobody is told of data that is not durable, readers included.
-            for name in ("before", "touch", "poison", "after"):
+            for name in ("before", "touch", "poison", "reader", "after"):
                 lost = outcomes.errors.pop(name)
                 assert isinstance(lost, StorageUnavailable), name
                 assert lost.status == 503
@@ -404,7 +402,7 @@ async def test_closing_refuses_the_queued_calls_and_lets_the_batch_finish(
                         {
                             "running": store(db, alice, text="running"),
                             "queued": store(db, alice, text="queued"),
-                            "queued reader": partial(db.list_devices, alice),
+                            "queued reader": partial(db.fetch_messages, alice, 1, limit=10),
                             "close": db.aclose,
                         },
                     )
@@ -532,59 +530,3 @@ def write_locked(path: Path) -> Iterator[Callable[[], None]]:
     finally:
         release()
         raw.close()
-
-
-# -- reads on the event loop -------------------------------------------------------
-
-
-async def test_the_hot_reads_skip_the_batches_and_see_only_committed_data(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "pqmsg.sqlite3"
-    with trio.fail_after(DEADLINE_S):
-        async with open_sqlite_storage(path) as db:
-            alice = await make_account(db, 1.0)
-            await store(db, alice, text="committed")()
-            before = db.batch_statistics()
-            auth = await db.get_device_auth(alice, 1)
-            fetched, more = await db.fetch_messages(alice, 1, limit=10)
-            assert auth is not None and not auth.revoked
-            assert [m.ciphertext for m in fetched] == [b"committed->1"] and not more
-            after = db.batch_statistics()
-            assert grew(db, before) == (0, 0)
-            assert (after.direct_reads - before.direct_reads, after.busy_reads) == (2, 0)
-            # A write another connection has not committed is not seen.
-            with sqlite3.connect(path, isolation_level=None) as raw:
-                raw.execute("BEGIN IMMEDIATE")
-                raw.execute("UPDATE devices SET revoked_at = 1.0 WHERE account = ?", (alice,))
-                still = await db.get_device_auth(alice, 1)
-                assert still is not None and not still.revoked
-                raw.execute("COMMIT")
-            raw.close()
-            revoked = await db.get_device_auth(alice, 1)
-            assert revoked is not None and revoked.revoked
-
-
-async def test_a_read_that_meets_a_lock_takes_the_batched_path(tmp_path: Path) -> None:
-    """The reader never waits for a lock on the event loop: a read that meets
-    one fails at once and is queued for a batch instead. (WAL readers are
-    hardly ever locked out, so the lock here is a real one on a file in
-    rollback-journal mode, swapped in as the reader.)"""
-    path = tmp_path / "pqmsg.sqlite3"
-    locked = tmp_path / "locked.sqlite3"
-    holder = sqlite3.connect(locked, isolation_level=None)
-    holder.execute("CREATE TABLE devices (x)")
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        with trio.fail_after(DEADLINE_S):
-            async with open_sqlite_storage(path) as db:
-                alice = await make_account(db, 1.0)
-                db._reader = sqlite3.connect(locked, isolation_level=None, timeout=0)
-                before = db.batch_statistics()
-                found = await db.get_device_auth(alice, 1)
-                after = db.batch_statistics()
-                assert isinstance(found, DeviceAuth) and not found.revoked
-                assert after.busy_reads == 1
-                assert grew(db, before) == (1, 1)
-    finally:
-        holder.close()
