@@ -4,8 +4,7 @@ migrations, the one-connection pool, error translation, reopening."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pqmsg.storage.base import PoolStatistics, Sender
 from pqmsg.storage.migrate import load_migrations
 from pqmsg.storage.sqlite import SqliteStorage, migrate_sqlite, open_sqlite_storage
 from tests.storage.contract import WINDOW_S, StorageContract, copies, make_account, new_id
+from tests.support.sqlite_locks import write_locked
 
 DEADLINE_S = 20.0
 
@@ -62,7 +62,7 @@ async def test_pool_statistics_count_the_queue(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE_S):
         async with open_sqlite_storage(path) as db:
             account = await make_account(db, 1.0)
-            with _write_locked(path) as release:
+            with write_locked(path) as release:
                 async with trio.open_nursery() as nursery:
                     for at in (2.0, 3.0, 4.0):
                         nursery.start_soon(partial(db.touch_device, account, 1, now=at))
@@ -83,7 +83,7 @@ async def test_a_locked_database_is_unavailable(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE_S):
         async with open_sqlite_storage(path, busy_timeout_s=0.05) as db:
             alice = await make_account(db, 1.0)
-            with _write_locked(path), pytest.raises(StorageUnavailable) as refused:
+            with write_locked(path), pytest.raises(StorageUnavailable) as refused:
                 await db.store_messages(
                     Sender(alice, 1),
                     new_id(),
@@ -105,7 +105,7 @@ async def test_a_queued_call_can_be_cancelled(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE_S):
         async with open_sqlite_storage(path) as db:
             account = await make_account(db, 1.0)
-            with _write_locked(path) as release:
+            with write_locked(path) as release:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(partial(db.touch_device, account, 1, now=2.0))
                     await trio.testing.wait_all_tasks_blocked()
@@ -139,7 +139,7 @@ async def test_a_call_queued_behind_closing_is_unavailable(tmp_path: Path) -> No
     with trio.fail_after(DEADLINE_S):
         async with open_sqlite_storage(path) as db:
             account = await make_account(db, 1.0)
-            with _write_locked(path) as release:
+            with write_locked(path) as release:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(partial(db.touch_device, account, 1, now=2.0))
                     await trio.testing.wait_all_tasks_blocked()
@@ -157,21 +157,3 @@ async def test_unopenable_file_is_unavailable(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE_S), pytest.raises(StorageUnavailable):
         async with open_sqlite_storage(path):
             pass
-
-
-@contextmanager
-def _write_locked(path: Path) -> Iterator[Callable[[], None]]:
-    """Another connection holds the write lock (as another process could)
-    until the yielded ``release`` is called or the block ends."""
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("BEGIN IMMEDIATE")
-
-    def release() -> None:
-        if raw.in_transaction:
-            raw.execute("ROLLBACK")
-
-    try:
-        yield release
-    finally:
-        release()
-        raw.close()

@@ -12,8 +12,8 @@ back, a deferred foreign key that makes the COMMIT itself fail.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from pqmsg.storage.sqlite import (
 )
 from pqmsg.storage.sqlite_connection import run_batch, write
 from tests.storage.contract import WINDOW_S, copies, device_of, make_account, new_id
+from tests.support.sqlite_locks import write_locked
 
 DEADLINE_S = 20.0
 NOW = 10.0
@@ -512,21 +513,3 @@ def test_run_batch_rolls_a_failed_job_back_to_its_savepoint(tmp_path: Path) -> N
 async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
     await trio.testing.wait_all_tasks_blocked()
     scope.cancel()
-
-
-@contextmanager
-def write_locked(path: Path) -> Iterator[Callable[[], None]]:
-    """Another connection holds the write lock (as another process could)
-    until the yielded ``release`` is called or the block ends."""
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("BEGIN IMMEDIATE")
-
-    def release() -> None:
-        if raw.in_transaction:
-            raw.execute("ROLLBACK")
-
-    try:
-        yield release
-    finally:
-        release()
-        raw.close()
