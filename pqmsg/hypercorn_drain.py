@@ -79,6 +79,26 @@ the graceful deadline, which stays the upper bound. One visible change
 outside shutdown: ``keep_alive_timeout`` now applies after a response, as it
 is documented to, and an HTTP/2 connection it closes gets a GOAWAY.
 
+Fewer writes per HTTP/2 response
+--------------------------------
+The same two methods are where Hypercorn writes a response, and upstream
+writes each small response three times: the HEADERS as soon as the app
+sends them (``h2.py:206``), then the DATA, then an empty DATA frame with
+END_STREAM (``h2.py:166``, ``h2.py:171``), each its own ``send_all``. On
+loopback a write costs about as much as the Python around it, and at a
+steady arrival rate (requests one at a time, nothing to share a write with)
+these writes were the largest single cost on the event loop. So:
+
+4. ``stream_send`` puts a response's HEADERS in the connection's buffer and
+   wakes ``send_task`` instead of writing them; ``send_task`` writes the
+   buffer with the stream's DATA, or before it sleeps (a response with no
+   body yet, such as a WebSocket accept, still goes out at once).
+5. ``_send_data`` puts END_STREAM on the last DATA frame of a stream and
+   writes once per chunk.
+
+A small response is now one write; the frames on the wire are the same
+except that the empty END_STREAM frame is folded into the last DATA frame.
+
 ``pqmsg.hypercorn_patch`` replaces ``TCPServer._close``. These patches call
 ``_close`` through the class and take ``send_lock`` like the other senders,
 so the two work in either order. ``apply()`` refuses any Hypercorn except the
@@ -92,12 +112,14 @@ import importlib.metadata
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
+import h2.exceptions
 import trio
 from hypercorn.events import Closed, Event, Updated
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import InformationalResponse, Response, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
+from priority.priority import DeadlockError
 
 __all__ = ["HYPERCORN_VERSION", "HypercornDrainError", "apply", "is_applied", "revert"]
 
@@ -115,6 +137,7 @@ _UPSTREAM_INITIATE_SERVER_CLOSE: Final = TCPServer._initiate_server_close
 _UPSTREAM_H2_INITIATE: Final = H2Protocol.initiate
 _UPSTREAM_STREAM_SEND: Final = H2Protocol.stream_send
 _UPSTREAM_SEND_DATA: Final = H2Protocol._send_data
+_UPSTREAM_SEND_TASK: Final = H2Protocol.send_task
 
 
 class HypercornDrainError(RuntimeError):
@@ -178,18 +201,68 @@ async def _h2_initiate(
 
 
 async def _stream_send(self: H2Protocol, event: StreamEvent) -> None:
-    """``H2Protocol.stream_send``; a closed stream no longer says GOAWAY itself."""
+    """``H2Protocol.stream_send``; a closed stream no longer says GOAWAY itself,
+    and a response's HEADERS wait in the buffer for ``send_task`` (fix 4)."""
     if isinstance(event, StreamClosed):
         await self._close_stream(event.stream_id)
         # If send_task still owes END_STREAM, it reports idle once written.
         await self.send(Updated(idle=_is_drained(self)))
+    elif isinstance(event, (InformationalResponse, Response)):
+        try:
+            self.connection.send_headers(
+                event.stream_id,
+                [
+                    (b":status", b"%d" % event.status_code),
+                    *event.headers,
+                    *self.config.response_headers("h2"),
+                ],
+            )
+        except h2.exceptions.ProtocolError:
+            return  # the stream or connection closed meanwhile, as upstream
+        await self.has_data.set()  # send_task writes them, with the body if it follows
     else:
         await _UPSTREAM_STREAM_SEND(self, event)
 
 
+async def _send_task(self: H2Protocol) -> None:
+    """``H2Protocol.send_task``; writes what is buffered before it sleeps (fix 4)."""
+    while not self.closed:
+        try:
+            stream_id = next(self.priority)
+        except DeadlockError:
+            await self._flush()
+            await self.has_data.wait()
+            await self.has_data.clear()
+        else:
+            await self._send_data(stream_id)
+
+
 async def _send_data(self: H2Protocol, stream_id: int) -> None:
-    """``H2Protocol._send_data``; report idle after the last stream's last frame."""
-    await _UPSTREAM_SEND_DATA(self, stream_id)
+    """``H2Protocol._send_data`` with one write per chunk, END_STREAM on the
+    last DATA frame (fix 5); then report idle after the last stream's last
+    frame (fix 2)."""
+    try:
+        chunk_size = min(
+            self.connection.local_flow_control_window(stream_id),
+            self.connection.max_outbound_frame_size,
+        )
+        buffer = self.stream_buffers[stream_id]
+        data = await buffer.pop(max(0, chunk_size))
+        if data:
+            self.connection.send_data(stream_id, data, end_stream=buffer.complete)
+        else:
+            self.priority.block(stream_id)
+            if buffer.complete:
+                self.connection.end_stream(stream_id)
+        if buffer.complete:
+            del self.stream_buffers[stream_id]
+            self.priority.remove_stream(stream_id)
+        await self._flush()
+    except (h2.exceptions.StreamClosedError, KeyError, h2.exceptions.ProtocolError):
+        # As upstream: the stream or connection closed while this waited.
+        await self.stream_buffers[stream_id].close()
+        del self.stream_buffers[stream_id]
+        self.priority.remove_stream(stream_id)
     if stream_id not in self.stream_buffers and not self.closed and _is_drained(self):
         await self.send(Updated(idle=True))
 
@@ -232,14 +305,36 @@ _TARGETS: Final = (
         "stream_send",
         _UPSTREAM_STREAM_SEND,
         _stream_send,
-        frozenset({"_close_stream", "terminated", "close_connection"}),
+        frozenset(
+            {"_close_stream", "terminated", "close_connection", "send_headers", "response_headers"}
+        ),
     ),
     _Target(
         H2Protocol,
         "_send_data",
         _UPSTREAM_SEND_DATA,
         _send_data,
-        frozenset({"end_stream", "stream_buffers", "remove_stream"}),
+        frozenset(
+            {
+                "end_stream",
+                "stream_buffers",
+                "remove_stream",
+                "send_data",
+                "local_flow_control_window",
+                "max_outbound_frame_size",
+                "pop",
+                "block",
+                "complete",
+                "_flush",
+            }
+        ),
+    ),
+    _Target(
+        H2Protocol,
+        "send_task",
+        _UPSTREAM_SEND_TASK,
+        _send_task,
+        frozenset({"priority", "DeadlockError", "has_data", "_send_data", "closed"}),
     ),
 )
 

@@ -27,6 +27,7 @@ import importlib.metadata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import attrs
 import h2.config
@@ -119,6 +120,14 @@ def make_app(parked: trio.Event, drain: trio.Event) -> QuartTrio:
         for _ in range(request.args.get("checkpoints", 0, type=int)):
             await trio.lowlevel.checkpoint()
         return b"p" * request.args.get("bytes", 2, type=int)
+
+    @app.route("/later")
+    async def later() -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            await drain.wait()
+            yield b"late body"
+
+        return body(), 200
 
     @app.route("/slow")
     async def slow() -> bytes:
@@ -261,6 +270,87 @@ async def test_idle_h2c_connection_gets_goaway_then_close(requests: int) -> None
     assert isinstance(goaway, h2.events.ConnectionTerminated), events
     assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
     assert goaway.last_stream_id == requests
+
+
+async def _one_h2c_request(served: Served, path: str) -> tuple[list[h2.events.Event], int]:
+    """GET ``path`` over h2c until its stream ends; the events and the server's writes."""
+    writes: list[int] = []
+    upstream = trio.SocketStream.send_all
+
+    async def counted(self: trio.SocketStream, data: Any) -> None:
+        writes.append(len(data))
+        await upstream(self, data)
+
+    stream = await trio.open_tcp_stream(HOST, served.port)
+    async with stream:
+        connection = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        connection.initiate_connection()
+        await stream.send_all(connection.data_to_send())
+        events: list[h2.events.Event] = []
+        while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events):
+            events.extend(connection.receive_data(await stream.receive_some(RECEIVE_BYTES)))
+        await stream.send_all(connection.data_to_send())  # the SETTINGS ack
+        await trio.sleep(0.05)  # the server is quiet now
+        request = [(":method", "GET"), (":scheme", "http"), (":authority", HOST), (":path", path)]
+        connection.send_headers(1, request, end_stream=True)
+        trio.SocketStream.send_all = counted  # type: ignore[method-assign]
+        try:
+            await stream.send_all(connection.data_to_send())
+            events = []
+            while not any(isinstance(e, h2.events.StreamEnded) for e in events):
+                events.extend(connection.receive_data(await stream.receive_some(RECEIVE_BYTES)))
+        finally:
+            trio.SocketStream.send_all = upstream  # type: ignore[method-assign]
+    return events, len(writes) - 1  # minus the request this client wrote
+
+
+@pytest.mark.parametrize("fixture", ["patched", "unpatched"])
+async def test_a_small_h2_response_is_one_write(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """HEADERS, DATA and END_STREAM leave in one write (two when the scheduler
+    runs the writer between the app's headers and body); upstream writes
+    three times."""
+    request.getfixturevalue(fixture)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serving(graceful_timeout_s=GRACEFUL_TIMEOUT_S) as served:
+            events, writes = await _one_h2c_request(served, "/")
+    data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert b"".join(e.data for e in data) == b"ok"
+    if fixture == "patched":
+        assert writes in (1, 2)
+        assert data[-1].stream_ended is not None  # END_STREAM rides on the DATA frame
+    else:
+        assert writes == 3
+
+
+@pytest.mark.usefixtures("patched")
+async def test_h2_headers_leave_before_a_body_that_comes_later() -> None:
+    """A response whose body is not ready is not held back by the write batching."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serving(graceful_timeout_s=GRACEFUL_TIMEOUT_S) as served:
+            stream = await trio.open_tcp_stream(HOST, served.port)
+            async with stream:
+                connection = h2.connection.H2Connection(
+                    h2.config.H2Configuration(client_side=True, header_encoding=None)
+                )
+                connection.initiate_connection()
+                request = [
+                    (":method", "GET"),
+                    (":scheme", "http"),
+                    (":authority", HOST),
+                    (":path", "/later"),
+                ]
+                connection.send_headers(1, request, end_stream=True)
+                await stream.send_all(connection.data_to_send())
+                events: list[h2.events.Event] = []
+                while not any(isinstance(e, h2.events.ResponseReceived) for e in events):
+                    events.extend(connection.receive_data(await stream.receive_some(RECEIVE_BYTES)))
+                # The headers arrived while the body still waits for the drain.
+                assert not any(isinstance(e, h2.events.DataReceived) for e in events)
+                await served.shut_down()
 
 
 @pytest.mark.usefixtures("patched")
