@@ -30,6 +30,10 @@ for group in "$@"; do
     send-sqlite) run send-sqlite --scenario send --duration 15 --concurrency 32 --connections 2 --baseline ;;
     send-pg) run send-pg --scenario send --duration 15 --concurrency 32 --connections 2 --baseline \
                --database-url $PG --redis-url $REDIS ;;
+    send-sqlite-stock) run send-sqlite-stock --scenario send --duration 15 --concurrency 32 --connections 2 --baseline \
+               --floor-hypercorn stock ;;
+    send-pg-stock) run send-pg-stock --scenario send --duration 15 --concurrency 32 --connections 2 --baseline \
+               --floor-hypercorn stock --database-url $PG --redis-url $REDIS ;;
     send-pg-w2) run send-pg-w2 --scenario send --duration 15 --concurrency 32 --connections 4 --baseline \
                --workers 2 --database-url $PG --redis-url $REDIS ;;
     send-sqlite-w2) run send-sqlite-w2 --scenario send --duration 15 --concurrency 32 --connections 4 \

@@ -76,10 +76,11 @@ async def _main(opts: Options) -> dict[str, Any]:
 async def _baseline(opts: Options, main_result: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
     """The same harness on the send scenario against the bare app; the send ratio."""
     floor_opts = attrs.evolve(opts, scenario="send", queue_depth=0, prefill=0)
-    async with spawn.spawned(spawn.baseline_argv(opts.workers), out_dir=opts.out_dir, name="baseline") as app:
+    async with spawn.spawned(spawn.baseline_argv(opts.workers, opts.floor_hypercorn), out_dir=opts.out_dir, name="baseline") as app:
         floor = await run.run(floor_opts, app.url, server_pids=[app.pid], target="baseline", fake_auth=True)
     report.print_result(floor)
     floor.pop("timeline", None)
+    floor["hypercorn"] = opts.floor_hypercorn
     server_send = main_result["endpoints"].get("send", {}).get("throughput_rps")
     floor_send = floor["endpoints"].get("send", {}).get("throughput_rps")
     ratio = round(server_send / floor_send, 3) if server_send and floor_send else None

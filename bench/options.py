@@ -41,6 +41,7 @@ class Options:
     prefill: int
     idle_polls: int
     baseline: bool
+    floor_hypercorn: str
     workers: int
     database_url: str | None
     redis_url: str | None
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     modes = p.add_argument_group("modes")
     modes.add_argument("--baseline", action="store_true", help="also run against the bare Quart-Trio app")
+    modes.add_argument(
+        "--floor-hypercorn",
+        choices=("patched", "stock"),
+        default="patched",
+        help="the floor on the server's patched Hypercorn (default) or on the release (crash fix only)",
+    )
     modes.add_argument("--prefill", type=int, default=0, help="queue this many messages in the database first")
     modes.add_argument("--idle-polls", type=int, default=0, help="measure server memory with N idle long polls")
 

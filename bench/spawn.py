@@ -115,5 +115,5 @@ def server_env(database_url: str | None, redis_url: str | None) -> dict[str, str
     return env
 
 
-def baseline_argv(workers: int) -> list[str]:
-    return ["-m", "bench.baseline_app", "--workers", str(workers)]
+def baseline_argv(workers: int, hypercorn: str = "patched") -> list[str]:
+    return ["-m", "bench.baseline_app", "--workers", str(workers), "--hypercorn", hypercorn]

@@ -119,8 +119,10 @@ def run_server(settings: Settings) -> int:
         from pqmsg.workers import run_workers
 
         return run_workers(settings)
+    from pqmsg.gctune import tune_for_serving
     from pqmsg.server import serve
 
+    tune_for_serving()
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:

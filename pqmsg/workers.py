@@ -101,12 +101,14 @@ def _worker_main(settings: Settings, sockets: Sockets) -> None:
     import sys
 
     from pqmsg.cli import describe_crash
+    from pqmsg.gctune import tune_for_serving
     from pqmsg.server import serve
 
     logging.basicConfig(
         level=settings.log_level,
         format=f"%(asctime)s %(levelname)s [{multiprocessing.current_process().name}] %(name)s: %(message)s",
     )
+    tune_for_serving()
     try:
         trio.run(lambda: serve(settings, sockets=sockets))
     except KeyboardInterrupt:
