@@ -108,9 +108,7 @@ recognise. Either case needs a human to read the code again.
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Final
 
 import h2.exceptions
 import trio
@@ -121,9 +119,12 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from priority.priority import DeadlockError
 
+from pqmsg import hypercorn_targets
+from pqmsg.hypercorn_targets import Target
+
 __all__ = ["HYPERCORN_VERSION", "HypercornDrainError", "apply", "is_applied", "revert"]
 
-HYPERCORN_VERSION: Final = "0.18.0"
+HYPERCORN_VERSION: Final = hypercorn_targets.HYPERCORN_VERSION
 # For shielded connection steps that never wait for the peer (starting or
 # stopping the idle task, shutting the socket): a bound, not a wait.
 CONNECTION_STEP_GRACE_S: Final = 1.0
@@ -267,40 +268,29 @@ async def _send_data(self: H2Protocol, stream_id: int) -> None:
         await self.send(Updated(idle=True))
 
 
-class _Target(NamedTuple):
-    """One replaced method, and what upstream's version must look like."""
-
-    owner: type
-    name: str
-    upstream: Callable[..., object]
-    replacement: Callable[..., object]
-    # Attribute names the upstream body uses, and so must still use.
-    uses: frozenset[str]
-
-
 _TARGETS: Final = (
-    _Target(
+    Target(
         TCPServer,
         "protocol_send",
         _UPSTREAM_PROTOCOL_SEND,
         _protocol_send,
         frozenset({"send_all", "idle_task", "restart", "stop", "_close"}),
     ),
-    _Target(
+    Target(
         TCPServer,
         "_initiate_server_close",
         _UPSTREAM_INITIATE_SERVER_CLOSE,
         _initiate_server_close,
         frozenset({"handle", "aclose"}),
     ),
-    _Target(
+    Target(
         H2Protocol,
         "initiate",
         _UPSTREAM_H2_INITIATE,
         _h2_initiate,
         frozenset({"initiate_connection", "send_task"}),
     ),
-    _Target(
+    Target(
         H2Protocol,
         "stream_send",
         _UPSTREAM_STREAM_SEND,
@@ -309,7 +299,7 @@ _TARGETS: Final = (
             {"_close_stream", "terminated", "close_connection", "send_headers", "response_headers"}
         ),
     ),
-    _Target(
+    Target(
         H2Protocol,
         "_send_data",
         _UPSTREAM_SEND_DATA,
@@ -329,7 +319,7 @@ _TARGETS: Final = (
             }
         ),
     ),
-    _Target(
+    Target(
         H2Protocol,
         "send_task",
         _UPSTREAM_SEND_TASK,
@@ -340,8 +330,8 @@ _TARGETS: Final = (
 
 
 def is_applied() -> bool:
-    """Return whether every target method is currently the patched version."""
-    return all(target.owner.__dict__[target.name] is target.replacement for target in _TARGETS)
+    """Return whether every target is currently the patched version."""
+    return hypercorn_targets.is_applied(_TARGETS)
 
 
 def apply() -> None:
@@ -356,43 +346,14 @@ def apply() -> None:
             function nor this patch (another patch, or changed code). Nothing
             is patched then.
     """
-    if is_applied():
-        return
-    installed = importlib.metadata.version("hypercorn")
-    if installed != HYPERCORN_VERSION:
-        raise HypercornDrainError(
-            f"pqmsg.hypercorn_drain targets hypercorn {HYPERCORN_VERSION}, found {installed}: "
-            "check whether shutdown still waits for idle keep-alive connections, "
-            "then update or drop the patch"
-        )
-    for target in _TARGETS:
-        current = target.owner.__dict__[target.name]
-        if current is not target.replacement and (
-            current is not target.upstream or not _is_upstream(target)
-        ):
-            raise HypercornDrainError(
-                f"{target.owner.__module__}.{target.owner.__qualname__}.{target.name} "
-                f"is not the function this patch replaces (found {current!r}); "
-                "refusing to patch"
-            )
-    for target in _TARGETS:
-        setattr(target.owner, target.name, target.replacement)
+    hypercorn_targets.apply(
+        _TARGETS,
+        patch="pqmsg.hypercorn_drain",
+        error=HypercornDrainError,
+        symptom="shutdown still waits for idle keep-alive connections",
+    )
 
 
 def revert() -> None:
-    """Restore Hypercorn's own methods. Idempotent; for tests."""
-    for target in _TARGETS:
-        if target.owner.__dict__[target.name] is target.replacement:
-            setattr(target.owner, target.name, target.upstream)
-
-
-def _is_upstream(target: _Target) -> bool:
-    """Whether ``target.upstream`` looks like 0.18.0's method: same home, same calls."""
-    function = target.upstream
-    code = getattr(function, "__code__", None)
-    return (
-        getattr(function, "__module__", None) == target.owner.__module__
-        and getattr(function, "__qualname__", None) == f"{target.owner.__name__}.{target.name}"
-        and code is not None
-        and target.uses <= set(code.co_names)
-    )
+    """Restore Hypercorn's own functions. Idempotent; for tests."""
+    hypercorn_targets.revert(_TARGETS)

@@ -97,11 +97,9 @@ the code again.
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from types import ModuleType
-from typing import Final, NamedTuple
+from typing import Final
 
 import h2.errors
 import h2.events
@@ -113,9 +111,12 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.ws_stream import Handshake
 from hypercorn.utils import valid_server_name
 
+from pqmsg import hypercorn_targets
+from pqmsg.hypercorn_targets import Target
+
 __all__ = ["HYPERCORN_VERSION", "HypercornH2PatchError", "apply", "is_applied", "revert"]
 
-HYPERCORN_VERSION: Final = "0.18.0"
+HYPERCORN_VERSION: Final = hypercorn_targets.HYPERCORN_VERSION
 # What h11 accepts on HTTP/1.1: a method is a token (RFC 9110 §5.6.2), a
 # request-target is one or more visible ASCII characters (RFC 9112 §3).
 METHOD_PATTERN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -218,44 +219,31 @@ def _valid_server_name(config: Config, request: Request) -> bool:
         return False
 
 
-class _Target(NamedTuple):
-    """One replaced function, and what upstream's version must look like."""
-
-    owner: type | ModuleType
-    name: str
-    upstream: Callable[..., object]
-    replacement: Callable[..., object]
-    # Where upstream's function is defined: "module.qualname".
-    home: str
-    # Attribute names the upstream body uses, and so must still use.
-    uses: frozenset[str]
-
-
 _TARGETS: Final = (
-    _Target(
+    Target(
         H2Protocol,
         "_handle_events",
         _UPSTREAM_HANDLE_EVENTS,
         _handle_events,
-        "hypercorn.protocol.h2.H2Protocol._handle_events",
         frozenset({"streams", "acknowledge_received_data", "_create_stream", "_priority_updated"}),
+        home="hypercorn.protocol.h2.H2Protocol._handle_events",
     ),
-    _Target(
+    Target(
         Handshake,
         "__init__",
         _UPSTREAM_HANDSHAKE_INIT,
         _handshake_init,
-        "hypercorn.protocol.ws_stream.Handshake.__init__",
         frozenset({"split_comma_header"}),
+        home="hypercorn.protocol.ws_stream.Handshake.__init__",
     ),
     *(
-        _Target(
+        Target(
             module,
             "valid_server_name",
             _UPSTREAM_VALID_SERVER_NAME,
             _valid_server_name,
-            "hypercorn.utils.valid_server_name",
             frozenset({"server_names", "decode"}),
+            home="hypercorn.utils.valid_server_name",
         )
         # Both modules import the function by name; h11, h2 and h3 use these.
         for module in (http_stream, ws_stream)
@@ -265,7 +253,7 @@ _TARGETS: Final = (
 
 def is_applied() -> bool:
     """Return whether every target is currently the patched version."""
-    return all(vars(target.owner)[target.name] is target.replacement for target in _TARGETS)
+    return hypercorn_targets.is_applied(_TARGETS)
 
 
 def apply() -> None:
@@ -280,38 +268,14 @@ def apply() -> None:
             function nor this patch (another patch, or changed code). Nothing
             is patched then.
     """
-    if is_applied():
-        return
-    installed = importlib.metadata.version("hypercorn")
-    if installed != HYPERCORN_VERSION:
-        raise HypercornH2PatchError(
-            f"pqmsg.hypercorn_h2_errors targets hypercorn {HYPERCORN_VERSION}, found {installed}: "
-            "check whether one bad HTTP/2 request still ends serve(), "
-            "then update or drop the patch"
-        )
-    for target in _TARGETS:
-        current = vars(target.owner)[target.name]
-        if current is not target.replacement and (
-            current is not target.upstream or not _is_upstream(target)
-        ):
-            raise HypercornH2PatchError(
-                f"{target.owner.__name__}.{target.name} is not the function this patch "
-                f"replaces, {target.home} (found {current!r}); refusing to patch"
-            )
-    for target in _TARGETS:
-        setattr(target.owner, target.name, target.replacement)
+    hypercorn_targets.apply(
+        _TARGETS,
+        patch="pqmsg.hypercorn_h2_errors",
+        error=HypercornH2PatchError,
+        symptom="one bad HTTP/2 request still ends serve()",
+    )
 
 
 def revert() -> None:
     """Restore Hypercorn's own functions. Idempotent; for tests."""
-    for target in _TARGETS:
-        if vars(target.owner)[target.name] is target.replacement:
-            setattr(target.owner, target.name, target.upstream)
-
-
-def _is_upstream(target: _Target) -> bool:
-    """Whether ``target.upstream`` looks like 0.18.0's: same home, same calls."""
-    function = target.upstream
-    code = getattr(function, "__code__", None)
-    home = f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', None)}"
-    return home == target.home and code is not None and target.uses <= set(code.co_names)
+    hypercorn_targets.revert(_TARGETS)

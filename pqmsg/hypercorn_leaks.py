@@ -95,9 +95,7 @@ again.
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Final
 
 import trio
 from hypercorn.events import Event as ConnectionEvent
@@ -111,9 +109,12 @@ from hypercorn.typing import ASGISendEvent
 from priority.priority import MissingStreamError
 from wsproto.frame_protocol import CloseReason
 
+from pqmsg import hypercorn_targets
+from pqmsg.hypercorn_targets import Target
+
 __all__ = ["HYPERCORN_VERSION", "HypercornLeaksError", "apply", "is_applied", "revert"]
 
-HYPERCORN_VERSION: Final = "0.18.0"
+HYPERCORN_VERSION: Final = hypercorn_targets.HYPERCORN_VERSION
 
 # Hypercorn's own functions, captured at import so ``revert()`` can restore
 # them. Constants, not state: the only state is what the classes hold.
@@ -181,40 +182,29 @@ async def _h2_handle(self: H2Protocol, event: ConnectionEvent) -> None:
             await stream.send(StreamClosed(stream_id=stream_id))
 
 
-class _Target(NamedTuple):
-    """One replaced method, and what upstream's version must look like."""
-
-    owner: type
-    name: str
-    upstream: Callable[..., object]
-    replacement: Callable[..., object]
-    # Attribute names the upstream body uses, and so must still use.
-    uses: frozenset[str]
-
-
 _TARGETS: Final = (
-    _Target(
+    Target(
         H2Protocol,
         "_close_stream",
         _UPSTREAM_CLOSE_STREAM,
         _close_stream,
         frozenset({"streams", "pop", "handle", "StreamClosed", "has_data"}),
     ),
-    _Target(
+    Target(
         HTTPStream,
         "app_send",
         _UPSTREAM_HTTP_APP_SEND,
         _http_app_send,
         frozenset({"closed", "send", "Body", "_send_closed"}),
     ),
-    _Target(
+    Target(
         H2Protocol,
         "handle",
         _UPSTREAM_H2_HANDLE,
         _h2_handle,
         frozenset({"RawData", "receive_data", "_handle_events", "Closed", "_close_stream"}),
     ),
-    _Target(
+    Target(
         WSStream,
         "handle",
         _UPSTREAM_WS_HANDLE,
@@ -225,8 +215,8 @@ _TARGETS: Final = (
 
 
 def is_applied() -> bool:
-    """Return whether every target method is currently the patched version."""
-    return all(vars(target.owner)[target.name] is target.replacement for target in _TARGETS)
+    """Return whether every target is currently the patched version."""
+    return hypercorn_targets.is_applied(_TARGETS)
 
 
 def apply() -> None:
@@ -241,43 +231,14 @@ def apply() -> None:
             function nor this patch (another patch, or changed code). Nothing
             is patched then.
     """
-    if is_applied():
-        return
-    installed = importlib.metadata.version("hypercorn")
-    if installed != HYPERCORN_VERSION:
-        raise HypercornLeaksError(
-            f"pqmsg.hypercorn_leaks targets hypercorn {HYPERCORN_VERSION}, found {installed}: "
-            "check whether reset or refused HTTP/2 streams still hold their connection, "
-            "then update or drop the patch"
-        )
-    for target in _TARGETS:
-        current = vars(target.owner)[target.name]
-        if current is not target.replacement and (
-            current is not target.upstream or not _is_upstream(target)
-        ):
-            raise HypercornLeaksError(
-                f"{target.owner.__module__}.{target.owner.__qualname__}.{target.name} "
-                f"is not the function this patch replaces (found {current!r}); "
-                "refusing to patch"
-            )
-    for target in _TARGETS:
-        setattr(target.owner, target.name, target.replacement)
+    hypercorn_targets.apply(
+        _TARGETS,
+        patch="pqmsg.hypercorn_leaks",
+        error=HypercornLeaksError,
+        symptom="reset or refused HTTP/2 streams still hold their connection",
+    )
 
 
 def revert() -> None:
-    """Restore Hypercorn's own methods. Idempotent; for tests."""
-    for target in _TARGETS:
-        if vars(target.owner)[target.name] is target.replacement:
-            setattr(target.owner, target.name, target.upstream)
-
-
-def _is_upstream(target: _Target) -> bool:
-    """Whether ``target.upstream`` looks like 0.18.0's method: same home, same calls."""
-    function = target.upstream
-    code = getattr(function, "__code__", None)
-    return (
-        getattr(function, "__module__", None) == target.owner.__module__
-        and getattr(function, "__qualname__", None) == f"{target.owner.__name__}.{target.name}"
-        and code is not None
-        and target.uses <= set(code.co_names)
-    )
+    """Restore Hypercorn's own functions. Idempotent; for tests."""
+    hypercorn_targets.revert(_TARGETS)
