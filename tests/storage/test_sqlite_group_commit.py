@@ -74,6 +74,20 @@ def store(db: SqliteStorage, account: str, *, text: str = "m") -> Callable[[], A
     )
 
 
+def poison_sends(path: Path, action: str, *, setup: str | None = None) -> None:
+    """A trigger that runs ``action`` when the send with text "poison" is stored."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        if setup is not None:
+            raw.execute(setup)
+        raw.execute(
+            "CREATE TRIGGER poison AFTER INSERT ON messages"
+            f" WHEN NEW.ciphertext = X'{b'poison->1'.hex()}' BEGIN {action}; END"
+        )
+    finally:
+        raw.close()
+
+
 async def queued(db: SqliteStorage, account: str) -> list[bytes]:
     messages, more = await db.fetch_messages(account, 1, limit=500)
     assert not more
@@ -222,13 +236,7 @@ async def test_a_call_that_rolls_back_the_transaction_fails_its_batch(tmp_path: 
         async with open_sqlite_storage(path) as db:
             alice = await make_account(db, 1.0)
             # RAISE(ROLLBACK) ends the whole transaction, not just the statement.
-            with sqlite3.connect(path, isolation_level=None) as raw:
-                raw.execute(
-                    "CREATE TRIGGER poison AFTER INSERT ON messages"
-                    f" WHEN NEW.ciphertext = X'{b'poison->1'.hex()}'"
-                    " BEGIN SELECT RAISE(ROLLBACK, 'poisoned'); END"
-                )
-            raw.close()
+            poison_sends(path, "SELECT RAISE(ROLLBACK, 'poisoned')")
             with write_locked(path) as release:
                 async with trio.open_nursery() as nursery:
                     await start_in_order(
@@ -270,17 +278,12 @@ async def test_a_failed_commit_answers_the_whole_batch_unavailable(tmp_path: Pat
             alice = await make_account(db, 1.0)
             # A deferred foreign key is checked at COMMIT: the poisoned send's
             # statements succeed, and the batch's COMMIT fails.
-            with sqlite3.connect(path, isolation_level=None) as raw:
-                raw.execute(
-                    "CREATE TABLE poisoned (account TEXT"
-                    " REFERENCES accounts (id) DEFERRABLE INITIALLY DEFERRED)"
-                )
-                raw.execute(
-                    "CREATE TRIGGER poison AFTER INSERT ON messages"
-                    f" WHEN NEW.ciphertext = X'{b'poison->1'.hex()}'"
-                    " BEGIN INSERT INTO poisoned VALUES ('nobody'); END"
-                )
-            raw.close()
+            poison_sends(
+                path,
+                "INSERT INTO poisoned VALUES ('nobody')",
+                setup="CREATE TABLE poisoned (account TEXT"
+                " REFERENCES accounts (id) DEFERRABLE INITIALLY DEFERRED)",
+            )
             before = db.batch_statistics()
             with write_locked(path) as release:
                 async with trio.open_nursery() as nursery:
