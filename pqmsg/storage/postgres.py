@@ -11,6 +11,13 @@ one-shot methods, one crossing of the trio-asyncio bridge; a call of several
 statements borrows a connection for them (a crossing per statement, plus
 acquire and release).
 
+The two calls every send makes, the device lookup and the send itself, are
+coalesced (:mod:`pqmsg.storage.pgbatch`): the storage opened by
+:func:`open_postgres_storage` runs a batcher for each in its own nursery, and
+concurrent calls share one statement (``store_messages_batch``, migration
+``0003``; one ``unnest`` lookup), one crossing and one WAL flush. Each caller
+still gets what its call alone gets.
+
 Errors: a call that cannot reach the database, or does not finish within
 ``query_timeout_s``, raises :class:`pqmsg.errors.StorageUnavailable` (the
 pool reconnects by itself on the next call). Domain errors are those named
@@ -22,6 +29,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
+import asyncpg
+import outcome
 import trio
 
 from pqmsg.errors import StorageUnavailable
@@ -45,10 +54,27 @@ from pqmsg.storage.base import (
     Sender,
     StoreResult,
 )
-from pqmsg.storage.pgbridge import PgConnection, PgPool, open_pg_pool
+from pqmsg.storage.pgbatch import Coalescer, CoalescerStatistics
+from pqmsg.storage.pgbridge import PgConnection, PgPool, is_unavailable, open_pg_pool
 from pqmsg.storage.postgres_migrate import apply_migrations, migrate_postgres
 
 __all__ = ["PostgresStorage", "migrate_postgres", "open_postgres_storage"]
+
+#: Calls per coalesced statement (see :mod:`pqmsg.storage.pgbatch`).
+MAX_BATCH = 64
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """Whether a failed statement certainly changed nothing (so its calls may run again).
+
+    An SQL error, or a deadlock or serialization failure (which the bridge
+    reports as unavailable, its cause kept), rolled the statement back. A
+    lost connection, a timeout or a failed COMMIT leave it in doubt.
+    """
+    cause = exc.__cause__ if isinstance(exc, StorageUnavailable) else exc
+    if isinstance(cause, asyncpg.exceptions.TransactionRollbackError):
+        return True
+    return isinstance(cause, asyncpg.PostgresError) and not is_unavailable(cause)
 
 
 class PostgresStorage:
@@ -59,6 +85,31 @@ class PostgresStorage:
     def __init__(self, pool: PgPool, *, query_timeout_s: float) -> None:
         self._pool = pool
         self._query_timeout_s = query_timeout_s
+        # Without their batchers running (see run_batchers) these run each call alone.
+        self._lookups: Coalescer[tuple[str, int], DeviceAuth | None] = Coalescer(
+            batch=self._lookup_batch,
+            single=self._lookup_one,
+            rolled_back=rolled_back,
+            max_batch=MAX_BATCH,
+        )
+        self._stores: Coalescer[messages.StoreCall, StoreResult] = Coalescer(
+            batch=self._store_batch,
+            single=self._store_one,
+            rolled_back=rolled_back,
+            max_batch=MAX_BATCH,
+        )
+
+    async def run_batchers(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Coalesce concurrent device lookups and sends until cancelled (see pgbatch)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._lookups.run)
+            await nursery.start(self._stores.run)
+            task_status.started()
+
+    def batch_statistics(self) -> dict[str, CoalescerStatistics]:
+        return {"device_lookups": self._lookups.statistics(), "sends": self._stores.statistics()}
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[PgConnection]:
@@ -110,7 +161,18 @@ class PostgresStorage:
 
     async def get_device_auth(self, account: str, device: int) -> DeviceAuth | None:
         with self._deadline():
-            return await accounts.get_device_auth(self._pool, account, device)
+            return await self._lookups.submit((account, device))
+
+    async def _lookup_one(self, wanted: tuple[str, int]) -> DeviceAuth | None:
+        with self._deadline():
+            return await accounts.get_device_auth(self._pool, *wanted)
+
+    async def _lookup_batch(
+        self, wanted: Sequence[tuple[str, int]]
+    ) -> list[outcome.Outcome[DeviceAuth | None]]:
+        with self._deadline():
+            found = await accounts.get_device_auth_many(self._pool, wanted)
+        return [outcome.Value(auth) for auth in found]
 
     async def touch_device(self, account: str, device: int, *, now: float) -> None:
         with self._deadline():
@@ -180,16 +242,28 @@ class PostgresStorage:
         now: float,
         idempotency_window_s: float,
     ) -> StoreResult:
+        messages.check_copies(copies)
+        call = messages.StoreCall(sender, message_id, recipient, copies, now, idempotency_window_s)
+        with self._deadline():
+            return await self._stores.submit(call)
+
+    async def _store_one(self, call: messages.StoreCall) -> StoreResult:
         with self._deadline():
             return await messages.store_messages(
                 self._pool,
-                sender,
-                message_id,
-                recipient,
-                copies,
-                now=now,
-                idempotency_window_s=idempotency_window_s,
+                call.sender,
+                call.message_id,
+                call.recipient,
+                call.copies,
+                now=call.now,
+                idempotency_window_s=call.idempotency_window_s,
             )
+
+    async def _store_batch(
+        self, calls: Sequence[messages.StoreCall]
+    ) -> list[outcome.Outcome[StoreResult]]:
+        with self._deadline():
+            return await messages.store_messages_batch(self._pool, calls)
 
     async def fetch_messages(
         self, account: str, device: int, *, limit: int
@@ -243,4 +317,8 @@ async def open_postgres_storage(settings: StorageSettings) -> AsyncIterator[Post
         # Not bounded by the query timeout: a migration may rightly take long,
         # and replicas starting together wait here for the first to finish.
         await apply_migrations(pool)
-        yield PostgresStorage(pool, query_timeout_s=settings.query_timeout_s)
+        storage = PostgresStorage(pool, query_timeout_s=settings.query_timeout_s)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run_batchers)
+            yield storage
+            nursery.cancel_scope.cancel()

@@ -22,6 +22,10 @@ crossing of the trio-asyncio bridge) each; the function costs one. Every
 function here is one statement, so the storage runs them on the pool's
 one-shot methods: acquire, statement and release in one crossing.
 
+Concurrent sends go further: :func:`store_messages_batch` runs several in
+one statement (``store_messages_batch``, migration ``0003``), in lock order
+(:meth:`StoreCall.lock_order`), each answered with its own outcome.
+
 Fetch walks the ``(recipient, seq)`` index and ack deletes by primary key,
 so neither slows down as the table grows.
 """
@@ -31,6 +35,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+import attrs
+import outcome
+
 from pqmsg.errors import BadRequest, DeviceMismatch, NotFound
 from pqmsg.storage.base import OutgoingCopy, QueuedMessage, Sender, StoreResult
 from pqmsg.storage.pgbridge import PgQueries, Row, rows_affected
@@ -39,6 +46,14 @@ from pqmsg.storage.pgbridge import PgQueries, Row, rows_affected
 STORE_SQL = """
 SELECT outcome, stored_count, advances, stored_devices, missing, extra
 FROM store_messages($1, $2, $3, $4, $5, $6, $7::uuid[], $8::integer[], $9::bytea[], $10::bigint[])
+"""
+
+# Several sends in one statement (migration 0003); one row per send, by position.
+STORE_BATCH_SQL = """
+SELECT item, outcome, stored_count, advances, stored_devices, missing, extra
+FROM store_messages_batch($1::uuid[], $2::integer[], $3::text[], $4::uuid[],
+                          $5::double precision[], $6::double precision[], $7::integer[],
+                          $8::uuid[], $9::integer[], $10::bytea[], $11::bigint[])
 """
 
 # The oldest queued copies of one device: a walk along messages_queue.
@@ -55,6 +70,76 @@ WHERE id = ANY($3::uuid[]) AND recipient_account = $1 AND recipient_device = $2
 """
 
 
+@attrs.frozen
+class StoreCall:
+    """One send's arguments, as :func:`store_messages` takes them (checked by :func:`check_copies`)."""
+
+    sender: Sender
+    message_id: str
+    recipient: str
+    copies: Sequence[OutgoingCopy]
+    now: float
+    idempotency_window_s: float
+
+    def lock_order(self) -> tuple[str, str, int, str]:
+        """Batches run their sends in this order, so they take shared rows in one order."""
+        return (self.recipient, self.sender.account, self.sender.device, self.message_id)
+
+
+def check_copies(copies: Sequence[OutgoingCopy]) -> None:
+    """Refuse what the database function cannot be asked: a device addressed twice."""
+    addressed = [c.device for c in copies]
+    if len(set(addressed)) != len(addressed):
+        raise BadRequest("a device is addressed twice")
+
+
+async def store_messages_batch(
+    con: PgQueries, calls: Sequence[StoreCall]
+) -> list[outcome.Outcome[StoreResult]]:
+    """Several sends in one statement; each send's result or its own refusal.
+
+    The sends run in :meth:`StoreCall.lock_order`; the outcomes come back in
+    the order of ``calls``. Raises (and has stored nothing) if the statement
+    fails: the caller runs the sends again one by one.
+    """
+    order = sorted(range(len(calls)), key=lambda index: calls[index].lock_order())
+    bounds = [0]
+    ids: list[str] = []
+    devices: list[int] = []
+    ciphertexts: list[bytes] = []
+    epochs: list[int | None] = []
+    for index in order:
+        for copy in calls[index].copies:
+            ids.append(str(uuid.uuid4()))
+            devices.append(copy.device)
+            ciphertexts.append(copy.ciphertext)
+            epochs.append(copy.pq_epoch)
+        bounds.append(len(ids))
+    ordered = [calls[index] for index in order]
+    rows = await con.fetch(
+        STORE_BATCH_SQL,
+        [c.sender.account for c in ordered],
+        [c.sender.device for c in ordered],
+        [c.message_id for c in ordered],
+        [c.recipient for c in ordered],
+        [c.now for c in ordered],
+        [c.now - c.idempotency_window_s for c in ordered],
+        bounds,
+        ids,
+        devices,
+        ciphertexts,
+        epochs,
+    )
+    if len(rows) != len(calls):
+        raise RuntimeError(f"store_messages_batch answered {len(rows)} rows for {len(calls)} sends")
+    results: list[outcome.Outcome[StoreResult]] = [outcome.Error(RuntimeError("unanswered"))] * len(
+        calls
+    )
+    for row in rows:
+        results[order[row["item"] - 1]] = outcome.capture(_store_result, row)
+    return results
+
+
 async def store_messages(
     con: PgQueries,
     sender: Sender,
@@ -65,9 +150,8 @@ async def store_messages(
     now: float,
     idempotency_window_s: float,
 ) -> StoreResult:
+    check_copies(copies)
     addressed = [c.device for c in copies]
-    if len(set(addressed)) != len(addressed):
-        raise BadRequest("a device is addressed twice")
     row = await con.fetchrow(
         STORE_SQL,
         sender.account,

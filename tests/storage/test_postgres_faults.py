@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -68,9 +67,8 @@ async def storage(url: str) -> AsyncIterator[PostgresStorage]:
     settings = StorageSettings(
         database_url=url, pool_min_size=2, pool_max_size=4, query_timeout_s=FAIL_FAST_S
     )
-    async with open_aio_loop(), AsyncExitStack() as stack:
-        with trio.fail_after(DEADLINE_S):
-            db = await stack.enter_async_context(open_postgres_storage(settings))
+    # Not under a deadline's scope: the storage runs its batchers in a nursery of its own.
+    async with open_aio_loop(), open_postgres_storage(settings) as db:
         yield db
 
 
