@@ -8,7 +8,9 @@ raw paths never become label values.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -34,13 +36,37 @@ _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{8,64}")
 
 log = logging.getLogger("pqmsg.http")
 
+# Generated request ids: a random prefix made once per process, then a counter.
+_request_id_prefix = secrets.token_hex(6)
+_request_ids = itertools.count()
+
+
+def _new_request_id_prefix() -> None:
+    """Give a forked child its own prefix, so it never repeats its parent's ids."""
+    global _request_id_prefix, _request_ids
+    _request_id_prefix = secrets.token_hex(6)
+    _request_ids = itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_request_id_prefix)
+
 
 def request_id_for(scope: Scope) -> str:
-    """Echo the client's X-Request-Id when it is safe to, else make one."""
+    """Echo the client's X-Request-Id when it is safe to, else make one.
+
+    A made id is 24 hex digits: a 48-bit random prefix chosen once per process,
+    then a 48-bit counter. Request ids only correlate a response with its log
+    and audit lines; nothing is authorised by one, and clients choose their own
+    freely, so they need to be unique, not secret. The counter makes them
+    unique within a process, and the random prefix across processes, workers
+    and restarts (two of even a thousand processes share one with odds of about
+    2e-9). Counting is far cheaper than drawing 12 random bytes per request.
+    """
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return str(value.decode("ascii"))
-    return secrets.token_hex(12)
+    return f"{_request_id_prefix}{next(_request_ids):012x}"
 
 
 class Edge:
