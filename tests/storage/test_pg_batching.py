@@ -22,12 +22,11 @@ from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import DeviceAuth, OutgoingCopy, Sender, StoreResult
 from pqmsg.storage.postgres import (
     PostgresStorage,
-    migrate_postgres,
     open_postgres_storage,
     rolled_back,
 )
 from tests.storage.contract import WINDOW_S, copies, make_account, new_id, queue_of
-from tests.support.postgres import create_throwaway_database, drop_throwaway_database
+from tests.support.postgres import migrated_throwaway_database
 
 pytestmark = pytest.mark.postgres
 
@@ -36,12 +35,8 @@ DEADLINE_S = 20.0
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    url = create_throwaway_database()
-    try:
-        trio.run(migrate_postgres, StorageSettings(database_url=url))
+    with migrated_throwaway_database() as url:
         yield url
-    finally:
-        drop_throwaway_database(url)
 
 
 @pytest.fixture

@@ -19,13 +19,9 @@ from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import StorageUnavailable
 from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import Sender
-from pqmsg.storage.postgres import PostgresStorage, migrate_postgres, open_postgres_storage
+from pqmsg.storage.postgres import PostgresStorage, open_postgres_storage
 from tests.storage.contract import copies, make_account, queue_of, send
-from tests.support.postgres import (
-    create_throwaway_database,
-    drop_throwaway_database,
-    raw_connection,
-)
+from tests.support.postgres import migrated_throwaway_database, raw_connection
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -54,12 +50,8 @@ def pg_ctl(url: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    url = create_throwaway_database()
-    try:
-        trio.run(migrate_postgres, StorageSettings(database_url=url))
+    with migrated_throwaway_database() as url:
         yield url
-    finally:
-        drop_throwaway_database(url)
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -52,6 +52,20 @@ def drop_throwaway_database(url: str) -> None:
     name = urlsplit(url).path.lstrip("/")
     assert name.startswith("pqmsg_test_"), name
     trio.run(_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextmanager
+def migrated_throwaway_database() -> Iterator[str]:
+    """A throwaway database with the relay's schema (from a blocking context); dropped after."""
+    from pqmsg.settings import StorageSettings
+    from pqmsg.storage.postgres import migrate_postgres
+
+    url = create_throwaway_database()
+    try:
+        trio.run(migrate_postgres, StorageSettings(database_url=url))
+        yield url
+    finally:
+        drop_throwaway_database(url)
 
 
 @asynccontextmanager
