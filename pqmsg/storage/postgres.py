@@ -163,15 +163,16 @@ class PostgresStorage:
         with self._deadline():
             return await self._lookups.submit((account, device))
 
+    # The coalescers' runners need no deadline of their own: a batch runs
+    # under its earliest caller's, and a call run alone under its caller's.
+
     async def _lookup_one(self, wanted: tuple[str, int]) -> DeviceAuth | None:
-        with self._deadline():
-            return await accounts.get_device_auth(self._pool, *wanted)
+        return await accounts.get_device_auth(self._pool, *wanted)
 
     async def _lookup_batch(
         self, wanted: Sequence[tuple[str, int]]
     ) -> list[outcome.Outcome[DeviceAuth | None]]:
-        with self._deadline():
-            found = await accounts.get_device_auth_many(self._pool, wanted)
+        found = await accounts.get_device_auth_many(self._pool, wanted)
         return [outcome.Value(auth) for auth in found]
 
     async def touch_device(self, account: str, device: int, *, now: float) -> None:
@@ -248,22 +249,12 @@ class PostgresStorage:
             return await self._stores.submit(call)
 
     async def _store_one(self, call: messages.StoreCall) -> StoreResult:
-        with self._deadline():
-            return await messages.store_messages(
-                self._pool,
-                call.sender,
-                call.message_id,
-                call.recipient,
-                call.copies,
-                now=call.now,
-                idempotency_window_s=call.idempotency_window_s,
-            )
+        return await messages.store_messages(self._pool, call)
 
     async def _store_batch(
         self, calls: Sequence[messages.StoreCall]
     ) -> list[outcome.Outcome[StoreResult]]:
-        with self._deadline():
-            return await messages.store_messages_batch(self._pool, calls)
+        return await messages.store_messages_batch(self._pool, calls)
 
     async def fetch_messages(
         self, account: str, device: int, *, limit: int

@@ -72,7 +72,7 @@ WHERE id = ANY($3::uuid[]) AND recipient_account = $1 AND recipient_device = $2
 
 @attrs.frozen
 class StoreCall:
-    """One send's arguments, as :func:`store_messages` takes them (checked by :func:`check_copies`)."""
+    """One send's arguments; the storage checks them with :func:`check_copies` before queueing."""
 
     sender: Sender
     message_id: str
@@ -140,30 +140,20 @@ async def store_messages_batch(
     return results
 
 
-async def store_messages(
-    con: PgQueries,
-    sender: Sender,
-    message_id: str,
-    recipient: str,
-    copies: Sequence[OutgoingCopy],
-    *,
-    now: float,
-    idempotency_window_s: float,
-) -> StoreResult:
-    check_copies(copies)
-    addressed = [c.device for c in copies]
+async def store_messages(con: PgQueries, call: StoreCall) -> StoreResult:
+    """One send in one statement; its result, or its refusal as the contract's error."""
     row = await con.fetchrow(
         STORE_SQL,
-        sender.account,
-        sender.device,
-        message_id,
-        recipient,
-        now,
-        now - idempotency_window_s,
-        [str(uuid.uuid4()) for _ in copies],
-        addressed,
-        [c.ciphertext for c in copies],
-        [c.pq_epoch for c in copies],
+        call.sender.account,
+        call.sender.device,
+        call.message_id,
+        call.recipient,
+        call.now,
+        call.now - call.idempotency_window_s,
+        [str(uuid.uuid4()) for _ in call.copies],
+        [c.device for c in call.copies],
+        [c.ciphertext for c in call.copies],
+        [c.pq_epoch for c in call.copies],
     )
     assert row is not None  # the function always returns its one row
     return _store_result(row)
