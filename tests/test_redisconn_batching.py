@@ -209,3 +209,36 @@ async def test_closing_answers_queued_callers_unavailable(private_redis: RedisSe
                 await redis.set_nx("after-close", 1)
 
     assert errors == ["redis SET failed: the client is closed"] * 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "pqmsg:nonce:acct:1:nonce", 1, "EX", 300, "NX"),
+        ("EVALSHA", "0" * 40, 1, "pqmsg:rl:send:a:1", 1_000_000, 250_000_000, 1_700_000_000_000_000),
+        ("PUBLISH", "pqmsg:wake", b"origin message acct:1\norigin message acct:2"),
+        ("SET", "k\u00e9y", "v\u00e4lue \u2603"),  # UTF-8, and a space inside an argument
+        ("CONFIG GET", "maxmemory"),  # a command name in two words
+        ("SET", "big", b"\x00\xff" * 10_000),  # above redis-py's buffer cutoff: packed in chunks
+    ],
+)
+def test_hiredis_packing_sends_the_bytes_redis_py_would(args: tuple[object, ...]) -> None:
+    import redis.asyncio as aredis
+    from redis.utils import HIREDIS_AVAILABLE
+
+    from pqmsg.redisconn import hiredis_packing
+
+    assert HIREDIS_AVAILABLE, "setup.cfg installs redis[hiredis]"
+    plain = aredis.Connection()
+    packing = hiredis_packing(aredis.Connection)()
+    assert type(packing) is not aredis.Connection
+    assert b"".join(packing.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    assert b"".join(packing.pack_commands([args, args])) == b"".join(plain.pack_commands([args, args]))
+
+
+async def test_the_client_packs_with_hiredis(redis: RedisClient) -> None:
+    prefix = random_prefix()
+    assert await redis.set_nx(prefix + "packed", "\u2603", ex_s=60)
+    assert await raw_command(SHARED_REDIS_URL, "GET", prefix + "packed") == "\u2603".encode()
+    pool = redis._client.connection_pool
+    assert pool.connection_class.__name__.startswith("HiredisPacking")
