@@ -1,10 +1,16 @@
 """Wake-ups between replicas over Redis pub/sub.
 
 A send committed on replica B must end a long poll parked on replica A at
-once. The notifier of each replica publishes ``kind account device`` on one
-channel and delivers what the others publish to its own waiters. Each
-message carries the publishing replica's id, so a replica ignores its own
-echo (it already woke its local waiters).
+once. The notifier of each replica publishes ``origin kind account:device``
+lines on one channel and delivers what the others publish to its own
+waiters. The origin is the publishing replica's id, so a replica ignores its
+own echo (it already woke its local waiters).
+
+One PUBLISH carries every wake-up the notifier had queued, one per line
+(at most ``FORWARD_BATCH``): under load that is one command, and one
+message for each subscriber to read, per batch instead of per send. A
+message of one line is the format of one wake-up, so a replica reads
+either.
 
 Pub/sub is fire-and-forget: a wake-up published while a replica's
 subscription is down is lost. That costs latency, never data: messages are
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -42,8 +48,13 @@ class RedisBus:
         self.healthy = True
         self.detail: str | None = None
 
-    async def publish(self, kind: WakeKind, account: str, device: int) -> None:
-        payload = Wake(self._origin, kind, account, device).encode().encode()
+    async def publish_many(self, items: Sequence[tuple[WakeKind, str, int]]) -> None:
+        """Publish ``items`` as one message, one wake-up per line."""
+        if not items:
+            return
+        payload = "\n".join(
+            Wake(self._origin, kind, account, device).encode() for kind, account, device in items
+        ).encode()
         try:
             await self._redis.publish(self._channel, payload)
         except RedisUnavailable as exc:
@@ -77,6 +88,10 @@ class RedisBus:
                 backoff = min(backoff * 2, RETRY_MAX_S)
 
     def _dispatch(self, data: bytes, deliver: Deliver) -> None:
-        wake = Wake.decode(data.decode("ascii", errors="replace"))
-        if wake is not None and wake.origin != self._origin:
-            deliver(wake.kind, wake.account, wake.device)
+        text = data.decode("ascii", errors="replace")
+        if text.startswith(self._origin + " "):
+            return  # our own echo: every line of a message has one origin
+        for line in text.split("\n"):
+            wake = Wake.decode(line)
+            if wake is not None and wake.origin != self._origin:
+                deliver(wake.kind, wake.account, wake.device)

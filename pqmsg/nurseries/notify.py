@@ -6,14 +6,16 @@ subscribes here and sleeps until :meth:`Notifier.publish` names its device.
 the message. With a bus (PostgreSQL LISTEN/NOTIFY or Redis pub/sub), a
 publish also reaches the waiters of every other replica; the notifier's
 nursery owns the loop that forwards local publishes to the bus, through a
-bounded channel so a slow bus never delays a send.
+bounded channel so a slow bus never delays a send. The loop hands the bus
+everything queued at once (at most :data:`FORWARD_BATCH`), so under load a
+bus carries many wake-ups per publish instead of one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Literal, Protocol
 
@@ -23,6 +25,8 @@ import trio
 log = logging.getLogger("pqmsg.notify")
 
 FORWARD_QUEUE = 10_000
+#: The most wake-ups the forward loop hands the bus at once.
+FORWARD_BATCH = 256
 DRAIN_S = 2.0
 WakeKind = Literal["message", "close"]
 #: Why a subscription ended: its device was revoked or deleted, a newer
@@ -74,8 +78,11 @@ class Bus(Protocol):
     healthy: bool
     detail: str | None
 
-    async def publish(self, kind: WakeKind, account: str, device: int) -> None:
-        """Send a wake-up to the other replicas; BusUnavailable if it cannot."""
+    async def publish_many(self, items: Sequence[tuple[WakeKind, str, int]]) -> None:
+        """Send wake-ups, ``(kind, account, device)`` each, to the other replicas.
+
+        All or none; BusUnavailable if they cannot be sent.
+        """
 
     async def listen(
         self,
@@ -228,9 +235,15 @@ class Notifier:
     async def _forward_all(
         self, bus: Bus, receive: trio.MemoryReceiveChannel[tuple[WakeKind, str, int]]
     ) -> None:
-        async for kind, account, device in receive:
+        async for first in receive:
+            batch = [first]
+            while len(batch) < FORWARD_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             try:
-                await bus.publish(kind, account, device)
+                await bus.publish_many(batch)
             except BusUnavailable as exc:  # a lost wake-up delays, it never loses data
                 self._forward_healthy = False
                 self._forward_detail = f"wake-up bus publish failed: {exc}"
