@@ -94,7 +94,7 @@ class PgBus:
         statement), in the items' order; PostgreSQL folds identical
         payloads of one transaction into one, harmless for wake-ups.
         BusUnavailable if they cannot be sent; nothing is sent for no
-        items. Not yet part of the notifier's ``Bus`` protocol.
+        items. The notifier's forward loop hands its queued wake-ups here.
         """
         payloads = [Wake(self._origin, kind, a, d).encode() for kind, a, d in items]
         if not payloads:
