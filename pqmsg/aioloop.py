@@ -18,7 +18,9 @@ large share of the bridge's cost. The patched turn runs every callback
 already queued, in the same order, up to :data:`CALLBACK_RUN` of them,
 then yields once. Due timers still come first (a turn with a due timer
 takes trio-asyncio's own path), other Trio tasks still run between runs,
-and an empty queue still waits the way trio-asyncio does.
+and an empty queue still waits the way trio-asyncio does. Like asyncio's
+own loop, the patched loop checks the type of a scheduled callback only in
+debug mode.
 """
 
 from __future__ import annotations
@@ -79,12 +81,20 @@ async def _run_queued_callbacks(self: BaseTrioEventLoop, no_wait: bool = False) 
         await _original_turn(self, no_wait)  # nothing queued: wait as trio-asyncio does
 
 
+def _check_callback_when_debugging(self: BaseTrioEventLoop, callback: object, method: str) -> None:
+    # asyncio's own loop checks a callback's type only in debug mode (it
+    # costs an iscoroutinefunction() per call_soon); trio-asyncio always did.
+    if self.get_debug():
+        asyncio.BaseEventLoop._check_callback(self, callback, method)  # type: ignore[attr-defined]
+
+
 def apply_fast_callbacks() -> None:
-    """Patch trio-asyncio's loop turn (see the module docstring); idempotent."""
+    """Patch trio-asyncio's loop (see the module docstring); idempotent."""
     global _original_turn
     if _original_turn is None:
         _original_turn = BaseTrioEventLoop._main_loop_one
         BaseTrioEventLoop._main_loop_one = _run_queued_callbacks
+        BaseTrioEventLoop._check_callback = _check_callback_when_debugging
 
 
 def log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

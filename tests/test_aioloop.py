@@ -93,3 +93,20 @@ async def test_asyncio_coroutines_cross_both_ways_on_the_patched_loop() -> None:
                 for i in range(200):
                     nursery.start_soon(one, i)
     assert sorted(results) == [2 * i for i in range(200)]
+
+
+async def test_callbacks_are_type_checked_in_debug_mode_only() -> None:
+    async def not_a_callback() -> None:
+        pass
+
+    with trio.fail_after(10):
+        async with open_aio_loop() as loop:
+            ran = trio.Event()
+            loop.call_soon(ran.set)
+            await ran.wait()
+            loop.set_debug(True)
+            try:
+                with pytest.raises(TypeError, match="coroutines cannot be used"):
+                    loop.call_soon(not_a_callback)
+            finally:
+                loop.set_debug(False)
