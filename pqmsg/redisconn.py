@@ -10,11 +10,14 @@ Resources and errors:
 
 - Nothing connects at open: the first command does, so the server starts
   while Redis is down and its services apply their failure policies.
-- Every command is bounded by ``timeout_s`` twice over: redis-py's socket
-  and connect timeouts, and a Trio ``fail_after`` around the whole call (a
-  script may need ``SCRIPT LOAD`` and a second round trip after Redis lost
-  its script cache). A dead or hung Redis therefore answers within
-  ``timeout_s``.
+- Every command is bounded by ``timeout_s``: a Trio deadline around the
+  whole call (a script may need ``SCRIPT LOAD`` and a second round trip
+  after Redis lost its script cache), and redis-py's connect timeout. A
+  dead or hung Redis therefore answers within ``timeout_s``. redis-py's
+  socket timeout is off: it armed an asyncio timer for every reply read,
+  three per send, and added nothing, because a call the Trio deadline cuts
+  off is cancelled inside redis-py, which then drops that connection (so a
+  late reply is never read as the answer to another command).
 - Connection errors, timeouts, ``OSError`` and writes refused by a read-only
   replica become :class:`RedisUnavailable`. Any other Redis error is a bug
   and propagates as it is.
@@ -467,7 +470,7 @@ async def open_redis(url: str, *, timeout_s: float) -> AsyncIterator[RedisClient
     """
     client = aredis.Redis.from_url(
         url,
-        socket_timeout=timeout_s,
+        socket_timeout=None,  # the Trio deadlines bound every call (see the module docstring)
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         # With maintenance notifications (on by default over RESP3), the pool

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 
 import pytest
@@ -11,7 +11,7 @@ import trio.testing
 from redis.exceptions import ResponseError
 
 from pqmsg.aioloop import open_aio_loop
-from pqmsg.redisconn import RedisClient, RedisUnavailable, open_redis
+from pqmsg.redisconn import RedisClient, RedisScript, RedisUnavailable, open_redis
 from tests.support.redis_server import (
     SHARED_REDIS_URL,
     RedisServer,
@@ -185,6 +185,40 @@ async def test_a_call_cancelled_behind_a_running_batch_never_runs(private_redis:
             assert await raw_command(private_redis.url, "EXISTS", prefix + "first") == 1
             assert await raw_command(private_redis.url, "EXISTS", prefix + "dropped") == 0
             assert redis.statistics().commands_total == 3
+
+
+#: Answers its argument: a reply that says which call it belongs to.
+ECHO_LUA = "return ARGV[1]"
+
+
+@pytest.mark.parametrize("callers", [1, 5])
+async def test_a_reply_that_came_too_late_is_never_another_calls_answer(
+    private_redis: RedisServer, callers: int
+) -> None:
+    """redis-py has no socket timeout here: the Trio deadline must drop the connection."""
+    answers: list[object] = []
+
+    async def echo(redis: RedisClient, script: RedisScript, value: str) -> None:
+        answers.append(await redis.run_script(script, keys=[], args=[value]))
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_aio_loop(), open_redis(private_redis.url, timeout_s=0.5) as redis:
+            script = redis.register_script(ECHO_LUA)
+            assert await redis.run_script(script, keys=[], args=["warm"]) == b"warm"
+            private_redis.pause()
+            async with trio.open_nursery() as nursery:
+                for index in range(callers):
+                    nursery.start_soon(expect_unavailable, echo(redis, script, f"late {index}"))
+            private_redis.resume()  # the late replies arrive now, on dropped connections
+            async with trio.open_nursery() as nursery:
+                for index in range(callers):
+                    nursery.start_soon(echo, redis, script, f"fresh {index}")
+    assert sorted(answers) == sorted(f"fresh {index}".encode() for index in range(callers))
+
+
+async def expect_unavailable(call: Awaitable[None]) -> None:
+    with pytest.raises(RedisUnavailable, match="timed out"):
+        await call
 
 
 async def test_closing_answers_queued_callers_unavailable(private_redis: RedisServer) -> None:
