@@ -88,13 +88,26 @@ def _check_callback_when_debugging(self: BaseTrioEventLoop, callback: object, me
         asyncio.BaseEventLoop._check_callback(self, callback, method)  # type: ignore[attr-defined]
 
 
-def apply_fast_callbacks() -> None:
-    """Patch trio-asyncio's loop (see the module docstring); idempotent."""
+#: The trio-asyncio releases whose loop internals the patch was written against.
+PATCHED_RELEASES = ("0.16.",)
+
+
+def apply_fast_callbacks() -> bool:
+    """Patch trio-asyncio's loop (see the module docstring); idempotent.
+
+    Another trio-asyncio release is left as it is (setup.cfg pins 0.16):
+    the patch replaces one of its private methods. Returns whether the
+    loop is patched.
+    """
     global _original_turn
+    if not trio_asyncio.__version__.startswith(PATCHED_RELEASES):
+        log.info("trio-asyncio %s: its loop is not patched", trio_asyncio.__version__)
+        return False
     if _original_turn is None:
         _original_turn = BaseTrioEventLoop._main_loop_one
         BaseTrioEventLoop._main_loop_one = _run_queued_callbacks
         BaseTrioEventLoop._check_callback = _check_callback_when_debugging
+    return True
 
 
 def log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

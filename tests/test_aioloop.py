@@ -27,7 +27,7 @@ async def test_an_orphaned_asyncio_error_is_logged_and_the_loop_lives_on(caplog:
 
 
 async def test_queued_callbacks_run_in_order_in_runs_and_trio_runs_between_runs() -> None:
-    apply_fast_callbacks()
+    assert apply_fast_callbacks()  # the pinned release
     assert BaseTrioEventLoop._main_loop_one is not original_turn()
     ran: list[int] = []
     trio_turns = 0
