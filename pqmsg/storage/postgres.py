@@ -26,8 +26,9 @@ in the contract.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
 
 import asyncpg
 import outcome
@@ -118,8 +119,7 @@ class PostgresStorage:
             async with self._pool.acquire() as con:
                 yield con
 
-    @contextmanager
-    def _deadline(self) -> Iterator[None]:
+    def _deadline(self) -> _Deadline:
         """Bound a call by the query timeout; past it, StorageUnavailable.
 
         For one-statement calls, which run on the pool's one-shot methods
@@ -127,11 +127,7 @@ class PostgresStorage:
         covers acquiring, the statement and releasing, as for
         :meth:`_connection`.
         """
-        try:
-            with trio.fail_after(self._query_timeout_s):
-                yield
-        except trio.TooSlowError as exc:
-            raise StorageUnavailable("the database did not answer in time") from exc
+        return _Deadline(self._query_timeout_s)
 
     def pool_statistics(self) -> PoolStatistics:
         stats = self._pool.statistics()
@@ -313,3 +309,32 @@ async def open_postgres_storage(settings: StorageSettings) -> AsyncIterator[Post
             await nursery.start(storage.run_batchers)
             yield storage
             nursery.cancel_scope.cancel()
+
+
+class _Deadline:
+    """``fail_after`` that raises StorageUnavailable, without generators.
+
+    Every authenticated request enters two of these (the device lookup and,
+    for a send, the store), so it is a plain cancel scope rather than a
+    ``contextmanager`` around ``fail_after`` (two generators per call).
+    """
+
+    __slots__ = ("_scope",)
+
+    def __init__(self, timeout_s: float) -> None:
+        self._scope = trio.CancelScope(relative_deadline=timeout_s)
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # The scope swallows only its own cancellation, which becomes
+        # StorageUnavailable here, so nothing is ever suppressed.
+        self._scope.__exit__(exc_type, exc, traceback)
+        if self._scope.cancelled_caught:
+            raise StorageUnavailable("the database did not answer in time") from trio.TooSlowError()
