@@ -9,6 +9,7 @@ semantics: a group whose only leaves are one problem is that problem.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Any, cast
@@ -27,6 +28,7 @@ log = logging.getLogger("pqmsg.app")
 _RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
 
 
+@functools.lru_cache(maxsize=256)  # one entry per route: the rules are fixed
 def route_template(rule: str) -> str:
     """Quart's ``/v1/keys/<account>/<device>`` as ``/v1/keys/{account}/{device}``."""
     return _RULE_PARAM.sub(r"{\1}", rule)
