@@ -1,10 +1,11 @@
 """Wake-ups between replicas over PostgreSQL LISTEN/NOTIFY.
 
 For deployments with PostgreSQL and no Redis: :class:`PgBus` implements the
-notifier's :class:`pqmsg.nurseries.notify.Bus`, like the Redis bus. A publish
-is ``pg_notify('pqmsg_wake', '<origin> <kind> <account>:<device>')`` on the
-pool's one-shot path (one crossing of the trio-asyncio bridge), and
-:meth:`PgBus.publish_many` sends several in one statement;
+notifier's :class:`pqmsg.nurseries.notify.Bus`, like the Redis bus.
+:meth:`PgBus.publish_many` sends the notifier's queued wake-ups, each
+``pg_notify('pqmsg_wake', '<origin> <kind> <account>:<device>')``, in one
+statement on the pool's one-shot path (one crossing of the trio-asyncio
+bridge);
 :meth:`PgBus.listen` (run by the notifier's nursery) holds one dedicated
 connection that LISTENs and delivers other replicas' wake-ups.
 The origin, random per bus, lets a replica ignore its own echo.
@@ -48,7 +49,6 @@ APPLICATION_NAME = "pqmsg-bus"
 
 Deliver = Callable[[WakeKind, str, int], None]
 
-_NOTIFY_ONE = "SELECT pg_notify($1, $2)"
 # One pg_notify per element, in array order (a plain scan of unnest); the
 # transaction's notifications are delivered in the order they were sent.
 _NOTIFY_MANY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
@@ -79,12 +79,6 @@ class PgBus:
         self._dropped = 0
         self._reconnects = 0
 
-    async def publish(self, kind: WakeKind, account: str, device: int) -> None:
-        """Send a wake-up to every other replica; BusUnavailable if it cannot."""
-        payload = Wake(self._origin, kind, account, device).encode()
-        await self._notify(_NOTIFY_ONE, payload)
-        self._published += 1
-
     async def publish_many(self, items: Iterable[tuple[WakeKind, str, int]]) -> None:
         """Send several wake-ups, ``(kind, account, device)`` each, in ONE statement.
 
@@ -102,7 +96,7 @@ class PgBus:
         await self._notify(_NOTIFY_MANY, payloads)
         self._published += len(payloads)
 
-    async def _notify(self, query: str, payloads: str | list[str]) -> None:
+    async def _notify(self, query: str, payloads: list[str]) -> None:
         """Run a pg_notify statement on the pool's one-shot path: one crossing."""
         try:
             with trio.fail_after(self._timeout_s):

@@ -76,9 +76,9 @@ async def test_a_publish_reaches_the_other_replica_only(
 ) -> None:
     a, b = replicas
     with trio.fail_after(DEADLINE_S):
-        await a.bus.publish("message", ACCOUNT, 3)
+        await a.bus.publish_many([("message", ACCOUNT, 3)])
         assert await b.next_wake() == ("message", ACCOUNT, 3)
-        await b.bus.publish("close", ACCOUNT, 2)
+        await b.bus.publish_many([("close", ACCOUNT, 2)])
         assert await a.next_wake() == ("close", ACCOUNT, 2)
         # Each replica ignored its own echo.
         assert a.delivered == [("close", ACCOUNT, 2)]
@@ -95,7 +95,7 @@ async def test_publish_many_reaches_the_other_replica_in_order(
         await a.bus.publish_many(sent)
         await a.bus.publish_many([])  # nothing to send
         last: Wake = ("message", ACCOUNT, 4)
-        await a.bus.publish(*last)  # a marker: nothing more of the batch arrives after it
+        await a.bus.publish_many([last])  # a marker: nothing more of the batch arrives after it
         while await b.next_wake() != last:
             pass
         assert b.delivered == [*sent, last]
@@ -111,7 +111,7 @@ async def test_malformed_wake_ups_are_ignored(replicas: tuple[Replica, Replica],
                 await trio_asyncio.aio_as_trio(con.execute)(
                     "SELECT pg_notify($1, $2)", CHANNEL, junk
                 )
-        await a.bus.publish("message", ACCOUNT, 1)
+        await a.bus.publish_many([("message", ACCOUNT, 1)])
         assert await b.next_wake() == ("message", ACCOUNT, 1)
         assert b.delivered == [("message", ACCOUNT, 1)]
         assert b.bus.healthy
@@ -136,7 +136,7 @@ async def test_listener_reconnects_after_losing_its_connection(
             await trio.sleep(0.01)
         assert b.bus.statistics().reconnects_total == 1
         assert b.bus.healthy
-        await a.bus.publish("message", ACCOUNT, 5)
+        await a.bus.publish_many([("message", ACCOUNT, 5)])
         assert await b.next_wake() == ("message", ACCOUNT, 5)
 
 
