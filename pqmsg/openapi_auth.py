@@ -42,7 +42,9 @@ def check_order_doc() -> str:
 5. `signature`: the signature does not verify.
 6. `replay`: this `(account, device, nonce)` was already accepted within the
    replay window (default {auth.replay_window_s} s, always longer than twice the skew window).
-   A nonce is recorded only after its signature verified."""
+   A nonce is recorded only after its signature verified. A send
+   (`PUT /v1/messages/{{account}}`) and a bundle fetch check their input
+   before the sixth check: bad input is a `400` and records no nonce."""
 
 
 def _auth_headers() -> tuple[tuple[str, str, Schema, str], ...]:

@@ -7,7 +7,7 @@
         └── redis client             (only with PQMSG_REDIS_URL)
             └── storage              database pool / SQLite thread, cleanup loops
                 └── audit writer     bounded queue -> append-only JSONL
-                    └── rate limiter + replay cache
+                    └── rate limiter + replay cache (+ admission: both in one step)
                         └── notifier (wake-ups, cross-replica bus)
                             └── push dispatcher (breakers, bounded queue)
                                 └── Hypercorn (HTTP/1.1, h2c, h2 over TLS)
@@ -37,6 +37,7 @@ from pqmsg.clock import WallClock, system_clock
 from pqmsg.http.inflight import InFlight
 from pqmsg.loopwatch import StepTimer
 from pqmsg.metrics import Metrics, ScrapeView
+from pqmsg.nurseries.admission import Admission
 from pqmsg.nurseries.audit import open_audit_writer
 from pqmsg.nurseries.limiter import open_rate_limiter
 from pqmsg.nurseries.notify import Bus, open_notifier
@@ -103,6 +104,7 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
         )
         limiter = await stack.enter_async_context(open_rate_limiter(settings.limits, redis=redis))
         replay = await stack.enter_async_context(open_replay_cache(settings, redis=redis))
+        admission = Admission(replay, limiter, redis=redis)
         bus: Bus | None = None
         if redis is not None:
             from pqmsg.nurseries.bus import RedisBus
@@ -130,6 +132,7 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
             storage=storage,
             limiter=limiter,
             replay=replay,
+            admission=admission,
             audit=audit,
             push=push,
             notifier=notifier,

@@ -39,6 +39,14 @@ class Replay(HasStatistics, Protocol):
         """True if fresh (and now recorded); False for a replay."""
 
 
+class Admission(Protocol):
+    async def admit(self, account: str, device: int, nonce: str, limiter: str, key: str) -> bool:
+        """Record the nonce and take a token, as one step: False for a replay.
+
+        Raises RateLimited (429), or Unavailable (503) when the checks cannot be made.
+        """
+
+
 class Audit(HasStatistics, Protocol):
     async def record(
         self,
@@ -90,6 +98,7 @@ class Services:
     storage: StorageHandle
     limiter: Limiter
     replay: Replay
+    admission: Admission
     audit: Audit
     push: Waker
     notifier: Notifier

@@ -10,12 +10,15 @@ Retry-After) when a bucket is empty, and counts the reject for
 Backends: without Redis the buckets live in this process and a sweeper
 loop drops full ones (:mod:`pqmsg.limits.memory`); with Redis every replica
 shares them (:mod:`pqmsg.limits.redis_store`) and a probe loop keeps
-:attr:`LimiterStatistics.healthy` current.
+:attr:`LimiterStatistics.healthy` current. The send and bundle buckets are
+taken together with the request's nonce (:mod:`pqmsg.nurseries.admission`).
 
 Redis failures: a check that cannot reach Redis follows the limiter's
 ``<name>_on_failure`` setting. ``"open"`` lets the request through;
 ``"closed"`` raises :class:`Unavailable` (503, reason
-``limiter_unavailable``). Either way the failure is counted and the
+``limiter_unavailable``). (A request's nonce needs Redis too and fails
+closed, so with Redis down an authenticated request never gets as far as
+an open limiter; the policy matters for registration and linking.) Either way the failure is counted and the
 limiter reports unhealthy until Redis answers again; nothing needs a
 restart.
 """
@@ -32,9 +35,9 @@ import attrs
 import trio
 
 from pqmsg.errors import RateLimited, Unavailable
-from pqmsg.limits.bucket import BucketStore
+from pqmsg.limits.bucket import BucketStore, Verdict
 from pqmsg.limits.memory import SWEEP_INTERVAL_S, MemoryBuckets
-from pqmsg.limits.redis_store import RedisBuckets
+from pqmsg.limits.redis_store import RedisBucket, RedisBuckets
 from pqmsg.redisconn import (
     PROBE_INTERVAL_S,
     RedisClient,
@@ -103,7 +106,7 @@ class RateLimiter:
         try:
             verdict = await self._store.take(limiter, key, limit)
         except RedisUnavailable as exc:
-            self._health.failed(exc)
+            self.failed(exc)
             if on_failure == "open":
                 return
             raise Unavailable(
@@ -111,6 +114,24 @@ class RateLimiter:
                 retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
                 reason="limiter_unavailable",
             ) from exc
+        self.settle(limiter, verdict)
+
+    # For a caller that takes a token in a script of its own
+    # (pqmsg.nurseries.admission): the bucket, then the outcome.
+
+    def redis_bucket(self, limiter: str, key: str) -> RedisBucket | None:
+        """Where bucket ``(limiter, key)`` lives in Redis; None when buckets live here."""
+        store = self._store
+        if not isinstance(store, RedisBuckets):
+            return None
+        try:
+            limit, _ = self._limits[limiter]
+        except KeyError:
+            raise ValueError(f"unknown rate limiter {limiter!r}") from None
+        return store.bucket(limiter, key, limit)
+
+    def settle(self, limiter: str, verdict: Verdict) -> None:
+        """Account for a token taken (or refused) in Redis; raises :class:`RateLimited`."""
         self._health.succeeded()
         if not verdict.allowed:
             self._rejects[limiter] += 1
@@ -118,6 +139,14 @@ class RateLimiter:
                 f"too many {limiter} requests; retry in {verdict.wait_s:.3g} s",
                 retry_after_s=verdict.wait_s,
             )
+
+    def succeeded(self) -> None:
+        """Redis answered (a script that did not get as far as the bucket)."""
+        self._health.succeeded()
+
+    def failed(self, exc: RedisUnavailable) -> None:
+        """Count a check that could not reach Redis."""
+        self._health.failed(exc)
 
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(

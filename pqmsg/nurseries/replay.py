@@ -10,6 +10,8 @@ and a pruning loop forgets expired ones (memory is bounded by the accepted
 requests of one window). With Redis every replica shares them: one
 ``SET <prefix>nonce:<account>:<device>:<nonce> 1 NX EX <window>`` per
 request, and a probe loop keeps :attr:`ReplayStatistics.healthy` current.
+Sends and bundle fetches record theirs in the same script as their rate-limit
+token (:mod:`pqmsg.nurseries.admission`), on the same keys.
 
 The cache FAILS CLOSED: when Redis cannot be reached, :meth:`record`
 raises :class:`Unavailable` (503, reason ``replay_cache_unavailable``),
@@ -113,10 +115,16 @@ class _RedisNonces:
     def __len__(self) -> int:
         return 0
 
-    async def add(self, nonce: _Nonce) -> bool:
+    @property
+    def window_s(self) -> int:
+        return self._window_s
+
+    def key(self, nonce: _Nonce) -> str:
         account, device, value = nonce
-        key = f"{self._prefix}nonce:{account}:{device}:{value}"
-        return await self._redis.set_nx(key, 1, ex_s=self._window_s)
+        return f"{self._prefix}nonce:{account}:{device}:{value}"
+
+    async def add(self, nonce: _Nonce) -> bool:
+        return await self._redis.set_nx(self.key(nonce), 1, ex_s=self._window_s)
 
 
 @final
@@ -139,14 +147,32 @@ class ReplayCache:
         try:
             fresh = await self._store.add((account, device, nonce))
         except RedisUnavailable as exc:
-            self._health.failed(exc)
-            raise Unavailable(
-                "replay protection unavailable",
-                retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
-                reason="replay_cache_unavailable",
-            ) from exc
+            raise self.failed(exc) from exc
         self._health.succeeded()
         return fresh
+
+    # For a caller that records a nonce in a script of its own
+    # (pqmsg.nurseries.admission): the key and expiry, then the outcome.
+
+    def redis_nonce(self, account: str, device: int, nonce: str) -> tuple[str, int] | None:
+        """The nonce's Redis key and expiry in seconds; None when nonces live here."""
+        store = self._store
+        if isinstance(store, _RedisNonces):
+            return store.key((account, device, nonce)), store.window_s
+        return None
+
+    def succeeded(self) -> None:
+        """A nonce check reached Redis."""
+        self._health.succeeded()
+
+    def failed(self, exc: RedisUnavailable) -> Unavailable:
+        """Count a nonce check that could not reach Redis; returns the 503 to raise."""
+        self._health.failed(exc)
+        return Unavailable(
+            "replay protection unavailable",
+            retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            reason="replay_cache_unavailable",
+        )
 
     def statistics(self) -> ReplayStatistics:
         return ReplayStatistics(

@@ -14,7 +14,7 @@ from pqmsg.audit.events import AUTH_REJECTED, AUTH_REPLAY, RATE_LIMIT_REJECTED
 from pqmsg.errors import AuthError, BadRequest, RateLimited
 from pqmsg.http.edge import REQUEST_ID_KEY
 from pqmsg.protocol import crypto
-from pqmsg.protocol.auth import Authenticator, Principal, parse_auth
+from pqmsg.protocol.auth import Authenticator, Principal, Unadmitted, parse_auth, replayed
 from pqmsg.protocol.validate import Obj, parse_json_object
 from pqmsg.services import Services
 
@@ -71,6 +71,41 @@ async def authenticate(svc: Services) -> tuple[Principal, bytes]:
     return principal, body
 
 
+async def verify_request(svc: Services) -> tuple[Unadmitted, bytes]:
+    """Checks 1-5 of §3 for the current request; the nonce waits for :func:`admit`.
+
+    For routes that validate their input before they record the nonce and
+    take their rate-limit token in one step. Such a route must :func:`admit`
+    the request before it acts on it.
+    """
+    body = await read_body()
+    pending = await _verify(
+        svc, request.scope, request.method, request.path, request.headers.items(), body,
+        record_nonce=False,
+    )
+    return pending, body
+
+
+async def admit(svc: Services, pending: Unadmitted, limiter: str, key: str) -> Principal:
+    """Record the nonce (check 6 of §3) and take a token from ``limiter``, in one step.
+
+    A replay is rejected as :func:`authenticate` rejects it (counted and
+    audited); a refused token as :func:`limit` refuses it.
+    """
+    try:
+        fresh = await svc.admission.admit(pending.account, pending.device, pending.nonce, limiter, key)
+    except RateLimited:
+        await _audit_rate_limited(svc, limiter, pending.account)
+        raise
+    if not fresh:
+        exc = replayed()
+        await record_auth_reject(svc, exc, request.scope, pending.account)
+        raise exc
+    principal = pending.admitted()
+    await _touch(svc, principal)
+    return principal
+
+
 async def authenticate_scope(
     svc: Services,
     scope: Mapping[str, Any],
@@ -86,30 +121,52 @@ async def authenticate_scope(
     it propagates; a device seen again is touched at most once per
     ``last_seen_resolution_s``.
     """
+    pending = await _verify(svc, scope, method, fallback_path, header_items, body, record_nonce=True)
+    principal = pending.admitted()
+    await _touch(svc, principal)
+    return principal
+
+
+async def _verify(
+    svc: Services,
+    scope: Mapping[str, Any],
+    method: str,
+    fallback_path: str,
+    header_items: Iterable[tuple[str, str]],
+    body: bytes,
+    *,
+    record_nonce: bool,
+) -> Unadmitted:
+    """Checks 1-5 of §3, and the sixth (the nonce) when ``record_nonce``."""
     try:
         path = (scope.get("raw_path") or fallback_path.encode()).decode("ascii")
         query = scope.get("query_string", b"").decode("ascii")
     except UnicodeDecodeError:
         raise BadRequest("the request target must be ASCII", reason="bad_path") from None
     headers = {name.lower(): value for name, value in header_items}
-    db = svc.storage.db
     authenticator = Authenticator(
-        lookup_device=db.get_device_auth,
+        lookup_device=svc.storage.db.get_device_auth,
         record_nonce=svc.replay.record,
         clock=svc.clock,
         skew_window_s=svc.settings.auth.skew_window_s,
     )
     try:
-        principal = await authenticator.authenticate(parse_auth(method, path, query, headers, body))
+        pending = await authenticator.verify(parse_auth(method, path, query, headers, body))
+        if record_nonce and not await svc.replay.record(pending.account, pending.device, pending.nonce):
+            raise replayed()
     except AuthError as exc:
         account = headers.get("pqmsg-account") if exc.reason != "malformed" else None
         await record_auth_reject(svc, exc, scope, account)
         raise
+    return pending
+
+
+async def _touch(svc: Services, principal: Principal) -> None:
+    """Note that the device was seen, at most once per ``last_seen_resolution_s``."""
     now = svc.clock()
     last = principal.last_seen_at
     if last is None or now - last >= svc.settings.auth.last_seen_resolution_s:
-        await db.touch_device(principal.account, principal.device, now=now)
-    return principal
+        await svc.storage.db.touch_device(principal.account, principal.device, now=now)
 
 
 async def record_auth_reject(
@@ -141,15 +198,19 @@ async def limit(svc: Services, limiter: str, key: str, *, account: str | None = 
     try:
         await svc.limiter.check(limiter, key)
     except RateLimited:
-        await svc.audit.record(
-            RATE_LIMIT_REJECTED,
-            outcome="rejected",
-            request_id=request_id(),
-            account=account,
-            ip=client_ip(),
-            detail={"limiter": limiter},
-        )
+        await _audit_rate_limited(svc, limiter, account)
         raise
+
+
+async def _audit_rate_limited(svc: Services, limiter: str, account: str | None) -> None:
+    await svc.audit.record(
+        RATE_LIMIT_REJECTED,
+        outcome="rejected",
+        request_id=request_id(),
+        account=account,
+        ip=client_ip(),
+        detail={"limiter": limiter},
+    )
 
 
 def query_params() -> Mapping[str, str]:

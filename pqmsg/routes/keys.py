@@ -25,13 +25,14 @@ from pqmsg.protocol.validate import (
     uuid_path,
 )
 from pqmsg.routes.common import (
+    admit,
     authenticate,
     client_ip,
     json_body,
     json_response,
-    limit,
     request_id,
     verify_all,
+    verify_request,
 )
 from pqmsg.services import Services
 from pqmsg.storage.base import DeviceBundle, KeyUpload, OneTimeKey, SignedKey
@@ -218,7 +219,8 @@ def blueprint(svc: Services) -> Blueprint:
 
     @bp.get("/v1/keys/<account>/<device>")
     async def bundle(account: str, device: str) -> Response:
-        me, _ = await authenticate(svc)
+        # As a send: input checked, then the nonce and the bundle token in one step.
+        pending, _ = await verify_request(svc)
         target = uuid_path(account, "account")
         device_id: int | None = None
         if device != ALL_DEVICES:
@@ -228,7 +230,7 @@ def blueprint(svc: Services) -> Blueprint:
                 raise BadRequest(
                     "path parameter 'device' must be a positive integer or *", reason="bad_path"
                 ) from None
-        await limit(svc, "bundle", f"{me.account}:{me.device}:{target}", account=me.account)
+        me = await admit(svc, pending, "bundle", f"{pending.account}:{pending.device}:{target}")
         found = await db.take_bundle(target, device_id)
         if found is None:
             raise NotFound("no such account or active device")

@@ -22,7 +22,7 @@ from pqmsg.protocol.validate import (
     uuid_field,
     uuid_path,
 )
-from pqmsg.routes.common import authenticate, json_body, json_response, limit
+from pqmsg.routes.common import admit, authenticate, json_body, json_response, verify_request
 from pqmsg.services import Services
 from pqmsg.storage.base import OutgoingCopy, QueuedMessage, Sender
 
@@ -89,13 +89,15 @@ def blueprint(svc: Services) -> Blueprint:
 
     @bp.put("/v1/messages/<account>")
     async def send(account: str) -> Response:
-        me, raw = await authenticate(svc)
+        # Input is validated before the nonce is recorded, so bad input
+        # changes nothing; the nonce and the send token are one step.
+        pending, raw = await verify_request(svc)
         recipient = uuid_path(account, "account")
         body = await json_body(raw)
         reject_unknown(body, SEND_FIELDS)
         message_id = uuid_field(body, "id")
         copies = parse_copies(body, settings.max_ciphertext_bytes)
-        await limit(svc, "send", f"{me.account}:{me.device}", account=me.account)
+        me = await admit(svc, pending, "send", f"{pending.account}:{pending.device}")
         result = await db.store_messages(
             Sender(me.account, me.device), message_id, recipient, copies,
             now=svc.clock(), idempotency_window_s=settings.idempotency_window_s,

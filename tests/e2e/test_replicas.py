@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import trio
 
 from pqmsg.client import Client, ProblemResponse, sign_headers
+from pqmsg.protocol.b64 import b64encode
 from tests.support.postgres import create_throwaway_database, drop_throwaway_database
 from tests.support.process import server_process
 
@@ -70,8 +73,20 @@ async def test_replicas_share_wake_ups_nonces_and_limits(tmp_path: Path, shared_
             assert first.status_code == 200
             assert (again.status_code, again.json()["reason"]) == (401, "replay")
 
-            # The send limit (burst 3) is one bucket across both replicas.
-            await alice.send(bob.account, {1: b"2"})
+            # The send limit (burst 3) is one bucket across both replicas,
+            # and a send replayed at the other replica spends no token.
+            path = f"/v1/messages/{bob.account}"
+            body = json.dumps({"id": str(uuid.uuid4()), "messages": [
+                {"device": 1, "ciphertext": b64encode(b"2")}]}).encode()
+            headers = sign_headers(
+                "PUT", path, "", body, account=alice.account, device=alice.device,
+                device_key=alice.device_key, now=on_a.clock(),
+            ) | {"Content-Type": "application/json"}
+            async with httpx.AsyncClient() as raw:
+                sent_on_a = await raw.put(a.url + path, content=body, headers=headers)
+                replays_on_b = [await raw.put(b.url + path, content=body, headers=headers) for _ in range(3)]
+            assert sent_on_a.status_code == 200
+            assert {(r.status_code, r.json()["reason"]) for r in replays_on_b} == {(401, "replay")}
             await alice_on_b.send(bob.account, {1: b"3"})
             with pytest.raises(ProblemResponse) as limited:
                 await alice.send(bob.account, {1: b"4"})

@@ -15,6 +15,7 @@ import trio
 
 from pqmsg.aioloop import open_aio_loop
 from pqmsg.errors import RateLimited, Unavailable
+from pqmsg.nurseries.admission import Admission
 from pqmsg.nurseries.limiter import RateLimiter, open_rate_limiter
 from pqmsg.nurseries.replay import ReplayCache, open_replay_cache
 from pqmsg.redisconn import RedisClient, RedisUnavailable, open_redis
@@ -135,6 +136,28 @@ async def test_limiter_failure_policies(
             await limiter.check("registration", "ip-after")
         stats = limiter.statistics()
         assert (stats.healthy, stats.detail, stats.redis_failures) == (True, None, 4)
+
+
+@FAULTS
+async def test_admission_fails_closed_whatever_the_limiters_policy(
+    private_redis: RedisServer, limiter: RateLimiter, cache: ReplayCache, redis: RedisClient, how: str
+) -> None:
+    # "send" fails open on its own; with its nonce it must not.
+    admission = Admission(cache, limiter, redis=redis)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        assert await admission.admit(ACCOUNT, 1, "nonce-before-the-fault", "send", "d")
+        await break_redis(private_redis, how)
+
+        call = partial(admission.admit, ACCOUNT, 1, "nonce-during-the-fault", "send", "d")
+        assert await expect_unavailable(call, "replay_cache_unavailable") < FAST_S
+        assert (cache.statistics().healthy, cache.statistics().failures) == (False, 1)
+        assert (limiter.statistics().healthy, limiter.statistics().redis_failures) == (False, 1)
+
+        await mend_redis(private_redis, how)
+        # After a restart Redis forgot the script too; the first call loads it again.
+        assert await admission.admit(ACCOUNT, 1, "nonce-after-the-fault", "send", "d") is True
+        assert await admission.admit(ACCOUNT, 1, "nonce-after-the-fault", "send", "d") is False
+        assert (cache.statistics().healthy, limiter.statistics().healthy) == (True, True)
 
 
 @FAULTS
