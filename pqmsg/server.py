@@ -30,7 +30,14 @@ from typing import Any, cast
 import trio
 from hypercorn.config import Config, Sockets
 
-from pqmsg import h2_headers, hypercorn_drain, hypercorn_h2_errors, hypercorn_leaks, hypercorn_patch
+from pqmsg import (
+    h2_headers,
+    hypercorn_drain,
+    hypercorn_h2_errors,
+    hypercorn_leaks,
+    hypercorn_patch,
+    werkzeug_headers,
+)
 from pqmsg.aioloop import open_aio_loop
 from pqmsg.app import create_app
 from pqmsg.clock import WallClock, system_clock
@@ -54,12 +61,17 @@ ReadyCallback = Callable[[list[str]], Awaitable[None] | None]
 
 
 def apply_hypercorn_fixes() -> None:
-    """Hypercorn 0.18.0 fixes, each in its own module with its reasoning and tests."""
+    """Fixes of Hypercorn 0.18.0, and header checks of h2 and Werkzeug made fast.
+
+    Each in its own module with its reasoning and tests; the bench's floor
+    applies the same set.
+    """
     hypercorn_patch.apply()  # send_eof racing send_all ends serve() on client disconnects
     hypercorn_drain.apply()  # idle connections and in-flight h2 responses at drain
     hypercorn_h2_errors.apply()  # request input that ended serve() instead of one stream
     hypercorn_leaks.apply()  # reset or refused h2 streams that held their connection
     h2_headers.apply()  # h2's per-byte header check, 0.2 ms per signed request, at C speed
+    werkzeug_headers.apply()  # Werkzeug's regex newline check of each header value, as memchr
 
 
 def hypercorn_config(settings: Settings) -> Config:
