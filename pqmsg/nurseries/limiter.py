@@ -16,11 +16,11 @@ taken together with the request's nonce (:mod:`pqmsg.nurseries.admission`).
 Redis failures: a check that cannot reach Redis follows the limiter's
 ``<name>_on_failure`` setting. ``"open"`` lets the request through;
 ``"closed"`` raises :class:`Unavailable` (503, reason
-``limiter_unavailable``). (A request's nonce needs Redis too and fails
-closed, so with Redis down an authenticated request never gets as far as
-an open limiter; the policy matters for registration and linking.) Either way the failure is counted and the
+``limiter_unavailable``). Either way the failure is counted and the
 limiter reports unhealthy until Redis answers again; nothing needs a
-restart.
+restart. A request's nonce needs Redis too and fails closed, so with Redis
+down an authenticated request never gets as far as an open limiter: the
+policy matters for registration and linking.
 """
 
 from __future__ import annotations
