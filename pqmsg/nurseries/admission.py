@@ -63,8 +63,7 @@ class Admission:
     ) -> None:
         self._replay = replay
         self._limiter = limiter
-        self._redis = redis
-        self._script = redis.register_script(ADMIT_LUA) if redis is not None else None
+        self._scripted = (redis, redis.register_script(ADMIT_LUA)) if redis is not None else None
 
     async def admit(self, account: str, device: int, nonce: str, limiter: str, key: str) -> bool:
         """Record ``nonce`` for the device and take a token from ``(limiter, key)``.
@@ -75,15 +74,16 @@ class Admission:
         """
         nonce_key = self._replay.redis_nonce(account, device, nonce)
         bucket = self._limiter.redis_bucket(limiter, key)
-        if self._redis is None or self._script is None or nonce_key is None or bucket is None:
+        if self._scripted is None or nonce_key is None or bucket is None:
             if not await self._replay.record(account, device, nonce):
                 return False
             await self._limiter.check(limiter, key)
             return True
+        redis, script = self._scripted
         key_of_nonce, window_s = nonce_key
         try:
-            fresh, allowed, wait_ms = await self._redis.run_script(
-                self._script,
+            fresh, allowed, wait_ms = await redis.run_script(
+                script,
                 keys=[key_of_nonce, bucket.key],
                 args=[window_s, bucket.interval_us, bucket.burst],
             )

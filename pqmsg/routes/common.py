@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import trio
 from quart import Response, request
@@ -14,9 +14,18 @@ from pqmsg.audit.events import AUTH_REJECTED, AUTH_REPLAY, RATE_LIMIT_REJECTED
 from pqmsg.errors import AuthError, BadRequest, RateLimited
 from pqmsg.http.edge import REQUEST_ID_KEY
 from pqmsg.protocol import crypto
-from pqmsg.protocol.auth import Authenticator, Principal, Unadmitted, parse_auth, replayed
+from pqmsg.protocol.auth import (
+    Authenticator,
+    ParsedAuth,
+    Principal,
+    Unadmitted,
+    parse_auth,
+    replayed,
+)
 from pqmsg.protocol.validate import Obj, parse_json_object
 from pqmsg.services import Services
+
+T = TypeVar("T")
 
 # Verify at most this many signatures between checkpoints, so one request
 # never holds the event loop for more than a couple of milliseconds.
@@ -79,9 +88,9 @@ async def verify_request(svc: Services) -> tuple[Unadmitted, bytes]:
     the request before it acts on it.
     """
     body = await read_body()
-    pending = await _verify(
+    pending = await _checked(
         svc, request.scope, request.method, request.path, request.headers.items(), body,
-        record_nonce=False,
+        Authenticator.verify,
     )
     return pending, body
 
@@ -121,23 +130,23 @@ async def authenticate_scope(
     it propagates; a device seen again is touched at most once per
     ``last_seen_resolution_s``.
     """
-    pending = await _verify(svc, scope, method, fallback_path, header_items, body, record_nonce=True)
-    principal = pending.admitted()
+    principal = await _checked(
+        svc, scope, method, fallback_path, header_items, body, Authenticator.authenticate
+    )
     await _touch(svc, principal)
     return principal
 
 
-async def _verify(
+async def _checked(
     svc: Services,
     scope: Mapping[str, Any],
     method: str,
     fallback_path: str,
     header_items: Iterable[tuple[str, str]],
     body: bytes,
-    *,
-    record_nonce: bool,
-) -> Unadmitted:
-    """Checks 1-5 of §3, and the sixth (the nonce) when ``record_nonce``."""
+    check: Callable[[Authenticator, ParsedAuth], Awaitable[T]],
+) -> T:
+    """Parse the request's §3 headers and run ``check`` (all six checks, or 1-5)."""
     try:
         path = (scope.get("raw_path") or fallback_path.encode()).decode("ascii")
         query = scope.get("query_string", b"").decode("ascii")
@@ -151,14 +160,11 @@ async def _verify(
         skew_window_s=svc.settings.auth.skew_window_s,
     )
     try:
-        pending = await authenticator.verify(parse_auth(method, path, query, headers, body))
-        if record_nonce and not await svc.replay.record(pending.account, pending.device, pending.nonce):
-            raise replayed()
+        return await check(authenticator, parse_auth(method, path, query, headers, body))
     except AuthError as exc:
         account = headers.get("pqmsg-account") if exc.reason != "malformed" else None
         await record_auth_reject(svc, exc, scope, account)
         raise
-    return pending
 
 
 async def _touch(svc: Services, principal: Principal) -> None:
