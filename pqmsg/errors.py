@@ -72,6 +72,19 @@ class AuthError(ProblemError):
     default_reason = "malformed"
 
 
+#: The detail of each §3 reject that depends on the device's current state.
+DEVICE_REJECTS = {
+    "unknown_device": "no such account or device",
+    "revoked": "this device was revoked",
+    "signature": "signature does not verify",
+}
+
+
+def device_reject(reason: str) -> AuthError:
+    """The 401 for ``unknown_device``, ``revoked`` or ``signature``."""
+    return AuthError(DEVICE_REJECTS[reason], reason=reason)
+
+
 class Forbidden(ProblemError):
     status = 403
     kind = "forbidden"

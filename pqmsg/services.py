@@ -16,6 +16,7 @@ from pqmsg.clock import WallClock
 from pqmsg.http.inflight import InFlight
 from pqmsg.loopwatch import StepTimer
 from pqmsg.metrics import Metrics
+from pqmsg.protocol.keycache import DeviceKeyCache
 from pqmsg.settings import Settings
 from pqmsg.storage.base import Backend
 
@@ -105,6 +106,11 @@ class Services:
     in_flight: InFlight
     metrics: Metrics
     loop: StepTimer
+    device_keys: DeviceKeyCache = attrs.field(
+        default=attrs.Factory(
+            lambda self: DeviceKeyCache(self.settings.auth.device_key_cache), takes_self=True
+        )
+    )
 
     def component_statistics(self) -> dict[str, Any]:
         """Statistics of every supervised service, by component name."""

@@ -68,6 +68,8 @@ class AuthSettings:
     replay_window_s: int = 2 * 300 + REPLAY_MARGIN_S
     provisioning_token_ttl_s: int = 600
     last_seen_resolution_s: int = 60
+    #: Active devices whose keys a replica remembers for sends (0: none).
+    device_key_cache: int = 10_000
 
 
 @attrs.frozen
@@ -303,6 +305,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {raw!r}")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
@@ -334,6 +343,9 @@ ENVIRONMENT: dict[str, tuple[str, _Parse, str]] = {
     "PQMSG_DB_TIMEOUT_S": ("storage.query_timeout_s", _positive_float, "deadline of one storage call"),
     "PQMSG_AUTH_SKEW_S": ("auth.skew_window_s", _positive_int, "accepted clock skew of signed requests"),
     "PQMSG_REPLAY_WINDOW_S": ("auth.replay_window_s", _positive_int, "how long a nonce is remembered"),
+    "PQMSG_DEVICE_KEY_CACHE": (
+        "auth.device_key_cache", _non_negative_int, "device keys remembered for sends (0: off)"
+    ),
     "PQMSG_REDIS_URL": ("limits.redis_url", _optional_str, "redis://... for shared limits and nonces"),
     "PQMSG_REDIS_PREFIX": ("limits.key_prefix", str, "prefix of every Redis key"),
     "PQMSG_RATE_REGISTRATION": ("limits.registration", _rate, "per client IP, PER_S/BURST"),

@@ -9,7 +9,10 @@ another device's nonce.
 :class:`Unadmitted` request: a route that validates its input first and
 then records the nonce together with its rate-limit token (one round trip
 to Redis instead of two, see :mod:`pqmsg.nurseries.admission`) uses it,
-and must admit the request before it acts on it.
+and must admit the request before it acts on it. Given a
+:class:`~pqmsg.protocol.keycache.DeviceKeyCache`, it may verify against a
+remembered key; the request then says so (``from_cache``), and its route
+must have the storage confirm the device (see :mod:`pqmsg.protocol.keycache`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from collections.abc import Awaitable, Callable, Mapping
 import attrs
 
 from pqmsg.clock import WallClock
-from pqmsg.errors import AuthError
+from pqmsg.errors import AuthError, device_reject
 from pqmsg.protocol import crypto
 from pqmsg.protocol.b64 import Base64Error, b64decode
 from pqmsg.protocol.canonical import SignedRequest, canonical_string
+from pqmsg.protocol.keycache import DeviceKeyCache
 from pqmsg.storage.base import DeviceAuth
 
 ACCOUNT_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -54,12 +58,19 @@ class Principal:
 
 @attrs.frozen
 class Unadmitted:
-    """A request whose checks 1-5 passed; its nonce is not recorded yet."""
+    """A request whose checks 1-5 passed; its nonce is not recorded yet.
+
+    ``device_key`` is the key its signature verified with; ``from_cache``
+    says that key was remembered, not read from the database for this
+    request (checks 3 and 4 are then still to be confirmed).
+    """
 
     account: str
     device: int
     nonce: str
     last_seen_at: float | None
+    device_key: bytes
+    from_cache: bool = False
 
     def admitted(self) -> Principal:
         """The principal, once the nonce was recorded as fresh."""
@@ -117,32 +128,50 @@ def _title(header: str) -> str:
 
 @attrs.frozen
 class Authenticator:
-    """Checks a parsed request against the device registry and the replay cache."""
+    """Checks a parsed request against the device registry and the replay cache.
+
+    With a ``cache``, :meth:`verify` tries a remembered key first (see
+    :mod:`pqmsg.protocol.keycache`); :meth:`authenticate` never uses it.
+    """
 
     lookup_device: DeviceLookup
     record_nonce: NonceRecorder
     clock: WallClock
     skew_window_s: int
+    cache: DeviceKeyCache | None = None
 
     async def authenticate(self, parsed: ParsedAuth) -> Principal:
         """All six checks; the nonce is recorded."""
-        pending = await self.verify(parsed)
+        pending = await self._verify(parsed, None)
         if not await self.record_nonce(pending.account, pending.device, pending.nonce):
             raise replayed()
         return pending.admitted()
 
     async def verify(self, parsed: ParsedAuth) -> Unadmitted:
         """Checks 1-5 (``replay`` is the caller's, with the nonce returned)."""
+        return await self._verify(parsed, self.cache)
+
+    async def _verify(self, parsed: ParsedAuth, cache: DeviceKeyCache | None) -> Unadmitted:
         req = parsed.request
         if abs(self.clock() - req.timestamp) > self.skew_window_s:
             raise AuthError("Pqmsg-Timestamp is outside the accepted clock skew", reason="skew")
+        message = canonical_string(req)
+        remembered = cache.get(req.account, req.device) if cache is not None else None
+        if remembered is not None and crypto.verifies(
+            remembered.device_key, message, parsed.signature
+        ):
+            return Unadmitted(
+                req.account, req.device, req.nonce, remembered.last_seen_at,
+                remembered.device_key, from_cache=True,
+            )
         found = await self.lookup_device(req.account, req.device)
         if found is None:
-            raise AuthError("no such account or device", reason="unknown_device")
+            raise device_reject("unknown_device")
         if found.revoked:
-            raise AuthError("this device was revoked", reason="revoked")
-        try:
-            crypto.verify(found.device_key, canonical_string(req), parsed.signature)
-        except crypto.InvalidSignature:
-            raise AuthError("signature does not verify", reason="signature") from None
-        return Unadmitted(req.account, req.device, req.nonce, found.last_seen_at)
+            raise device_reject("revoked")
+        checked = remembered is not None and remembered.device_key == found.device_key
+        if checked or not crypto.verifies(found.device_key, message, parsed.signature):
+            raise device_reject("signature")
+        if cache is not None:
+            cache.put(req.account, req.device, found.device_key, found.last_seen_at)
+        return Unadmitted(req.account, req.device, req.nonce, found.last_seen_at, found.device_key)

@@ -50,6 +50,15 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> None:
         raise InvalidSignature("signature does not verify")
 
 
+def verifies(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether the ML-DSA-65 signature verifies (:func:`verify` as a predicate)."""
+    try:
+        verify(public_key, message, signature)
+    except InvalidSignature:
+        return False
+    return True
+
+
 def generate_signing_key() -> SigningKeyPair:
     """A fresh ML-DSA-65 key pair (clients and tests)."""
     public_key, secret_key = _dsa.generate_keypair()

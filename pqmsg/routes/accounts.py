@@ -80,6 +80,7 @@ def blueprint(svc: Services) -> Blueprint:
         if me.device != PRIMARY_DEVICE:
             raise Forbidden("only the primary device (1) can delete the account")
         devices = await svc.storage.db.delete_account(me.account)
+        svc.device_keys.forget_account(me.account)
         for device in devices:
             svc.notifier.close_device(me.account, device)
         await svc.audit.record(

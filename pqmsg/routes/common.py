@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import trio
 from quart import Response, request
@@ -22,8 +22,10 @@ from pqmsg.protocol.auth import (
     parse_auth,
     replayed,
 )
+from pqmsg.protocol.keycache import DeviceKeyCache
 from pqmsg.protocol.validate import Obj, parse_json_object
 from pqmsg.services import Services
+from pqmsg.storage.base import device_refusal
 
 T = TypeVar("T")
 
@@ -80,19 +82,49 @@ async def authenticate(svc: Services) -> tuple[Principal, bytes]:
     return principal, body
 
 
-async def verify_request(svc: Services) -> tuple[Unadmitted, bytes]:
+async def verify_request(svc: Services, *, remembered: bool = False) -> tuple[Unadmitted, bytes]:
     """Checks 1-5 of §3 for the current request; the nonce waits for :func:`admit`.
 
     For routes that validate their input before they record the nonce and
     take their rate-limit token in one step. Such a route must :func:`admit`
     the request before it acts on it.
+
+    ``remembered``: the signature may verify against a key remembered from
+    an earlier request (:mod:`pqmsg.protocol.keycache`). Only for a route
+    whose write re-checks the device (``sender_key``), passes every storage
+    refusal of the device to :func:`sender_refused`, and runs its own
+    refusals through :func:`confirm_device`.
     """
     body = await read_body()
     pending = await _checked(
         svc, request.scope, request.method, request.path, request.headers.items(), body,
-        Authenticator.verify,
+        Authenticator.verify, cache=svc.device_keys if remembered else None,
     )
     return pending, body
+
+
+async def confirm_device(svc: Services, pending: Unadmitted) -> None:
+    """Checks 3-5 against the database, for a request verified with a remembered key.
+
+    A route calls it before it answers with a refusal of its own (bad
+    input, replay, rate limit), so a device revoked or removed since it was
+    remembered hears that first, as §3's order has it.
+    """
+    if not pending.from_cache:
+        return
+    refusal = device_refusal(
+        await svc.storage.db.get_device_auth(pending.account, pending.device),
+        pending.device_key,
+    )
+    if refusal is not None:
+        await sender_refused(svc, pending, refusal)
+
+
+async def sender_refused(svc: Services, pending: Unadmitted, exc: AuthError) -> NoReturn:
+    """The device no longer signs with the key its request verified with: forget it, reject."""
+    svc.device_keys.forget(pending.account, pending.device)
+    await record_auth_reject(svc, exc, request.scope, pending.account)
+    raise exc
 
 
 async def admit(svc: Services, pending: Unadmitted, limiter: str, key: str) -> Principal:
@@ -104,9 +136,11 @@ async def admit(svc: Services, pending: Unadmitted, limiter: str, key: str) -> P
     try:
         fresh = await svc.admission.admit(pending.account, pending.device, pending.nonce, limiter, key)
     except RateLimited:
+        await confirm_device(svc, pending)
         await _audit_rate_limited(svc, limiter, pending.account)
         raise
     if not fresh:
+        await confirm_device(svc, pending)
         exc = replayed()
         await record_auth_reject(svc, exc, request.scope, pending.account)
         raise exc
@@ -145,6 +179,8 @@ async def _checked(
     header_items: Iterable[tuple[str, str]],
     body: bytes,
     check: Callable[[Authenticator, ParsedAuth], Awaitable[T]],
+    *,
+    cache: DeviceKeyCache | None = None,
 ) -> T:
     """Parse the request's §3 headers and run ``check`` (all six checks, or 1-5)."""
     try:
@@ -158,6 +194,7 @@ async def _checked(
         record_nonce=svc.replay.record,
         clock=svc.clock,
         skew_window_s=svc.settings.auth.skew_window_s,
+        cache=cache,
     )
     try:
         return await check(authenticator, parse_auth(method, path, query, headers, body))
@@ -173,6 +210,7 @@ async def _touch(svc: Services, principal: Principal) -> None:
     last = principal.last_seen_at
     if last is None or now - last >= svc.settings.auth.last_seen_resolution_s:
         await svc.storage.db.touch_device(principal.account, principal.device, now=now)
+        svc.device_keys.seen(principal.account, principal.device, now)
 
 
 async def record_auth_reject(

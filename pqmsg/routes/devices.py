@@ -110,6 +110,7 @@ def blueprint(svc: Services) -> Blueprint:
         if not await db.revoke_device(me.account, target, now=svc.clock()):
             raise NotFound(f"device {target} is not an active device of this account")
         svc.metrics.revocations.inc()
+        svc.device_keys.forget(me.account, target)
         svc.notifier.close_device(me.account, target)
         await svc.audit.record(
             DEVICE_REVOKED, outcome="ok", request_id=request_id(), account=me.account,

@@ -8,7 +8,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
-from pqmsg.errors import BadRequest, PayloadTooLarge
+from pqmsg.errors import AuthError, BadRequest, PayloadTooLarge, ProblemError
 from pqmsg.nurseries.notify import DeviceClosed
 from pqmsg.protocol.auth import MAX_DEVICE_ID
 from pqmsg.protocol.b64 import Base64Error, b64decode, b64encode
@@ -22,7 +22,15 @@ from pqmsg.protocol.validate import (
     uuid_field,
     uuid_path,
 )
-from pqmsg.routes.common import admit, authenticate, json_body, json_response, verify_request
+from pqmsg.routes.common import (
+    admit,
+    authenticate,
+    confirm_device,
+    json_body,
+    json_response,
+    sender_refused,
+    verify_request,
+)
 from pqmsg.services import Services
 from pqmsg.storage.base import OutgoingCopy, QueuedMessage, Sender
 
@@ -90,18 +98,28 @@ def blueprint(svc: Services) -> Blueprint:
     @bp.put("/v1/messages/<account>")
     async def send(account: str) -> Response:
         # Input is validated before the nonce is recorded, so bad input
-        # changes nothing; the nonce and the send token are one step.
-        pending, raw = await verify_request(svc)
-        recipient = uuid_path(account, "account")
-        body = await json_body(raw)
-        reject_unknown(body, SEND_FIELDS)
-        message_id = uuid_field(body, "id")
-        copies = parse_copies(body, settings.max_ciphertext_bytes)
+        # changes nothing; the nonce and the send token are one step. The
+        # signature may verify against a remembered key: the store re-checks
+        # the device (sender_key), and a refusal here checks it first.
+        pending, raw = await verify_request(svc, remembered=True)
+        try:
+            recipient = uuid_path(account, "account")
+            body = await json_body(raw)
+            reject_unknown(body, SEND_FIELDS)
+            message_id = uuid_field(body, "id")
+            copies = parse_copies(body, settings.max_ciphertext_bytes)
+        except ProblemError:
+            await confirm_device(svc, pending)
+            raise
         me = await admit(svc, pending, "send", f"{pending.account}:{pending.device}")
-        result = await db.store_messages(
-            Sender(me.account, me.device), message_id, recipient, copies,
-            now=svc.clock(), idempotency_window_s=settings.idempotency_window_s,
-        )
+        try:
+            result = await db.store_messages(
+                Sender(me.account, me.device), message_id, recipient, copies,
+                now=svc.clock(), idempotency_window_s=settings.idempotency_window_s,
+                sender_key=pending.device_key,
+            )
+        except AuthError as exc:
+            await sender_refused(svc, pending, exc)
         if not result.duplicate:
             svc.metrics.stored.inc(result.stored)
             svc.metrics.ratchet_advances.inc(result.ratchet_advances)

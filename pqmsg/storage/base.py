@@ -22,6 +22,8 @@ from typing import Literal, Protocol
 
 import attrs
 
+from pqmsg.errors import AuthError, device_reject
+
 PrekeyKind = Literal["ec", "pq"]
 PushProvider = Literal["fcm", "apns"]
 
@@ -33,6 +35,21 @@ class DeviceAuth:
     device_key: bytes
     revoked: bool
     last_seen_at: float | None
+
+
+def device_refusal(found: DeviceAuth | None, device_key: bytes) -> AuthError | None:
+    """What §3's checks 3-5 say now of a signature that verified with ``device_key``.
+
+    ``found`` is the device as stored now; None when the device may still
+    sign with that key.
+    """
+    if found is None:
+        return device_reject("unknown_device")
+    if found.revoked:
+        return device_reject("revoked")
+    if found.device_key != device_key:
+        return device_reject("signature")
+    return None
 
 
 @attrs.frozen
@@ -256,10 +273,15 @@ class Storage(Protocol):
         *,
         now: float,
         idempotency_window_s: float,
+        sender_key: bytes | None = None,
     ) -> StoreResult:
         """Queue one copy per recipient device, durably, all or nothing.
 
-        A retry of ``(sender.account, message_id)`` within the window returns
+        With ``sender_key``, first (in the same transaction) raises
+        :class:`pqmsg.errors.AuthError` as request authentication would:
+        ``unknown_device`` unless the sending device exists, ``revoked`` if
+        it was revoked, ``signature`` if its key is not ``sender_key``; then
+        nothing is stored. A retry of ``(sender.account, message_id)`` within the window returns
         the first result with ``duplicate=True`` and stores nothing. Raises
         :class:`pqmsg.errors.DeviceMismatch` unless the copies address exactly
         the recipient's active devices (checked in the same transaction), and

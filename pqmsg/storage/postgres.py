@@ -238,9 +238,12 @@ class PostgresStorage:
         *,
         now: float,
         idempotency_window_s: float,
+        sender_key: bytes | None = None,
     ) -> StoreResult:
         messages.check_copies(copies)
-        call = messages.StoreCall(sender, message_id, recipient, copies, now, idempotency_window_s)
+        call = messages.StoreCall(
+            sender, message_id, recipient, copies, now, idempotency_window_s, sender_key
+        )
         with self._deadline():
             return await self._stores.submit(call)
 

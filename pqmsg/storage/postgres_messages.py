@@ -4,6 +4,8 @@ A send is one round trip: the ``store_messages`` database function
 (migration ``0002``) runs, atomically and durable on return
 (``synchronous_commit`` on):
 
+0. given the sender's key (migration ``0004``), refuse the send unless the
+   sending device is active with that key;
 1. lock the recipient's account row ``FOR SHARE`` (membership changes take
    it ``FOR UPDATE``) and read the active devices;
 2. return the first result of an earlier send with this id, if any;
@@ -38,22 +40,32 @@ from collections.abc import Sequence
 import attrs
 import outcome
 
-from pqmsg.errors import BadRequest, DeviceMismatch, NotFound
+from pqmsg.errors import BadRequest, DeviceMismatch, NotFound, device_reject
 from pqmsg.storage.base import OutgoingCopy, QueuedMessage, Sender, StoreResult
 from pqmsg.storage.pgbridge import PgQueries, Row, rows_affected
 
 # One send, atomically; see the module docstring. Copy ids (uuid4) are made here.
+# The last argument is the sender's key to re-check, or NULL (migration 0004).
 STORE_SQL = """
 SELECT outcome, stored_count, advances, stored_devices, missing, extra
-FROM store_messages($1, $2, $3, $4, $5, $6, $7::uuid[], $8::integer[], $9::bytea[], $10::bigint[])
+FROM store_messages($1, $2, $3, $4, $5, $6, $7::uuid[], $8::integer[], $9::bytea[], $10::bigint[],
+                    $11::bytea)
 """
+
+# The store's refusals of the sending device, as §3's reject reasons.
+SENDER_REFUSALS = {
+    "sender_unknown": "unknown_device",
+    "sender_revoked": "revoked",
+    "sender_key": "signature",
+}
 
 # Several sends in one statement (migration 0003); one row per send, by position.
 STORE_BATCH_SQL = """
 SELECT item, outcome, stored_count, advances, stored_devices, missing, extra
 FROM store_messages_batch($1::uuid[], $2::integer[], $3::text[], $4::uuid[],
                           $5::double precision[], $6::double precision[], $7::integer[],
-                          $8::uuid[], $9::integer[], $10::bytea[], $11::bigint[])
+                          $8::uuid[], $9::integer[], $10::bytea[], $11::bigint[],
+                          $12::bytea[])
 """
 
 # The oldest queued copies of one device: a walk along messages_queue.
@@ -80,6 +92,8 @@ class StoreCall:
     copies: Sequence[OutgoingCopy]
     now: float
     idempotency_window_s: float
+    #: The key the sender's signature verified with, re-checked at the store; or None.
+    sender_key: bytes | None = None
 
     def lock_order(self) -> tuple[str, str, int, str]:
         """Batches run their sends in this order, so they take shared rows in one order."""
@@ -129,6 +143,7 @@ async def store_messages_batch(
         devices,
         ciphertexts,
         epochs,
+        [c.sender_key for c in ordered],
     )
     if len(rows) != len(calls):
         raise RuntimeError(f"store_messages_batch answered {len(rows)} rows for {len(calls)} sends")
@@ -154,6 +169,7 @@ async def store_messages(con: PgQueries, call: StoreCall) -> StoreResult:
         [c.device for c in call.copies],
         [c.ciphertext for c in call.copies],
         [c.pq_epoch for c in call.copies],
+        call.sender_key,
     )
     assert row is not None  # the function always returns its one row
     return _store_result(row)
@@ -162,6 +178,8 @@ async def store_messages(con: PgQueries, call: StoreCall) -> StoreResult:
 def _store_result(row: Row) -> StoreResult:
     """The function's answer as a result, or as the contract's error for a refusal."""
     outcome = row["outcome"]
+    if outcome in SENDER_REFUSALS:
+        raise device_reject(SENDER_REFUSALS[outcome])
     if outcome == "no_recipient":
         raise NotFound("no such recipient")
     if outcome == "device_mismatch":

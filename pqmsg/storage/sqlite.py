@@ -386,6 +386,7 @@ class SqliteStorage:
         *,
         now: float,
         idempotency_window_s: float,
+        sender_key: bytes | None = None,
     ) -> StoreResult:
         return await self._call(
             messages.store_messages,
@@ -395,6 +396,7 @@ class SqliteStorage:
             copies,
             now,
             idempotency_window_s,
+            sender_key,
         )
 
     async def fetch_messages(

@@ -14,7 +14,9 @@ from pqmsg.storage.base import (
     QueuedMessage,
     Sender,
     StoreResult,
+    device_refusal,
 )
+from pqmsg.storage.sqlite_accounts import get_device_auth
 from pqmsg.storage.sqlite_connection import write
 
 _INSERT_MESSAGE = (
@@ -38,6 +40,7 @@ def store_messages(
     copies: Sequence[OutgoingCopy],
     now: float,
     idempotency_window_s: float,
+    sender_key: bytes | None = None,
 ) -> StoreResult:
     """Queue the copies in one transaction (see ``Storage.store_messages``).
 
@@ -48,6 +51,12 @@ def store_messages(
     if len(set(addressed)) != len(addressed):
         raise BadRequest("a device is addressed twice")
     with write(conn):
+        if sender_key is not None:
+            refusal = device_refusal(
+                get_device_auth(conn, sender.account, sender.device), sender_key
+            )
+            if refusal is not None:
+                raise refusal
         previous = conn.execute(
             "SELECT stored, ratchet_advances, devices FROM sends"
             " WHERE sender_account = ? AND id = ? AND created_at > ?",

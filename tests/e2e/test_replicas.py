@@ -7,6 +7,7 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -125,3 +126,60 @@ async def test_on_postgres_alone_wake_ups_cross_replicas_by_listen_notify(
                 await alice.send(bob.account, {1: b"via B"})
                 sent = trio.current_time()
             assert woke[0] - sent < 1.0
+
+
+async def test_a_revocation_at_one_replica_refuses_the_next_send_at_the_other(
+    tmp_path: Path, shared_env: dict[str, str]
+) -> None:
+    """A's remembered device keys (pqmsg.protocol.keycache) do not outlive a revocation at B."""
+    with trio.fail_after(90):
+        async with (
+            server_process(tmp_path / "a", env=shared_env) as a,
+            server_process(tmp_path / "b", env=shared_env) as b,
+            Client(a.url) as on_a,
+            Client(b.url) as on_b,
+            httpx.AsyncClient() as raw,
+        ):
+            alice = await on_a.register()
+            bob = await on_a.register()
+            second, third, fourth = [await alice.link_new_device() for _ in range(3)]
+
+            def signed_send(device: Any, body: bytes) -> tuple[str, bytes, dict[str, str]]:
+                path = f"/v1/messages/{bob.account}"
+                headers = sign_headers(
+                    "PUT", path, "", body, account=alice.account, device=device.device,
+                    device_key=device.device_key, now=on_a.clock(),
+                ) | {"Content-Type": "application/json"}
+                return a.url + path, body, headers
+
+            # Each device sends at A once, so A remembers its key; the fourth
+            # device's request is kept to be replayed.
+            await second.send(bob.account, {1: b"second"})
+            await third.send(bob.account, {1: b"third"})
+            url, body, kept = signed_send(fourth, json.dumps({"id": str(uuid.uuid4()), "messages": [
+                {"device": 1, "ciphertext": b64encode(b"fourth")}]}).encode())
+            assert (await raw.put(url, content=body, headers=kept)).status_code == 200
+
+            alice_on_b = type(alice)(on_b, alice.account, alice.device, alice.device_key, alice.identity)
+            for device in (second, third, fourth):
+                await alice_on_b.revoke(device.device)
+
+            # At A: a good send is refused by the store's check; bad input and
+            # a replay are refused as revoked, not as bad input or replay.
+            with pytest.raises(ProblemResponse) as good:
+                await second.send(bob.account, {1: b"after"})
+            _, bad_body, bad_headers = signed_send(third, b'{"id": "not-a-uuid", "messages": []}')
+            bad = await raw.put(url, content=bad_body, headers=bad_headers)
+            replay = await raw.put(url, content=body, headers=kept)
+            # Refused again, now without the remembered key.
+            with pytest.raises(ProblemResponse) as again:
+                await second.send(bob.account, {1: b"again"})
+
+            assert (good.value.status, good.value.reason) == (401, "revoked")
+            assert (bad.status_code, bad.json()["reason"]) == (401, "revoked")
+            assert (replay.status_code, replay.json()["reason"]) == (401, "revoked")
+            assert (again.value.status, again.value.reason) == (401, "revoked")
+            messages, _ = await bob.receive()
+            assert [m.ciphertext for m in messages] == [b"second", b"third", b"fourth"]
+            metrics = (await on_a.http.get("/metrics")).text
+            assert 'pqmsg_auth_rejects_total{reason="revoked"} 4.0' in metrics

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pqmsg.errors import AuthError
 from pqmsg.protocol import crypto
-from pqmsg.protocol.auth import AUTH_HEADERS, Authenticator, parse_auth
+from pqmsg.protocol.auth import AUTH_HEADERS, Authenticator, ParsedAuth, parse_auth
 from pqmsg.protocol.b64 import b64encode
 from pqmsg.protocol.canonical import SignedRequest, canonical_string
+from pqmsg.protocol.keycache import DeviceKeyCache
 from pqmsg.storage.base import DeviceAuth
 
 ACCOUNT = "0f8fad5b-d9cb-469f-a165-70867728950e"
@@ -134,3 +137,84 @@ def test_parser_only_ever_raises_malformed(hdrs: dict[str, str]) -> None:
         parse_auth("GET", "/", "", hdrs, b"")
     except AuthError as exc:
         assert exc.reason == "malformed"
+
+
+# -- verifying against remembered keys (pqmsg.protocol.keycache) --------------
+
+
+class CountingRegistry(Registry):
+    def __init__(self, *, revoked: bool = False) -> None:
+        super().__init__(revoked=revoked)
+        self.lookups = 0
+
+    async def lookup(self, account: str, device: int) -> DeviceAuth | None:
+        self.lookups += 1
+        return await super().lookup(account, device)
+
+    def remembering(self, cache: DeviceKeyCache) -> Authenticator:
+        return Authenticator(self.lookup, self.record, lambda: NOW, 300, cache)
+
+
+def parsed(**kwargs: Any) -> ParsedAuth:
+    return parse_auth("GET", "/v1/devices", "", headers(**kwargs), b"")
+
+
+async def test_verify_remembers_an_active_device_key() -> None:
+    registry, cache = CountingRegistry(), DeviceKeyCache(10)
+    first = await registry.remembering(cache).verify(parsed(nonce="a" * 16))
+    second = await registry.remembering(cache).verify(parsed(nonce="b" * 16))
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert first.device_key == second.device_key == KEY.public_key
+    assert registry.lookups == 1
+    # authenticate() always reads the device.
+    await registry.remembering(cache).authenticate(parsed(nonce="c" * 16))
+    assert registry.lookups == 2
+
+
+async def test_a_revoked_or_unknown_device_is_not_remembered() -> None:
+    registry, cache = CountingRegistry(revoked=True), DeviceKeyCache(10)
+    for _ in range(2):
+        with pytest.raises(AuthError, match="revoked"):
+            await registry.remembering(cache).verify(parsed())
+    with pytest.raises(AuthError) as unknown:
+        await registry.remembering(cache).verify(parsed(device=2))
+    assert unknown.value.reason == "unknown_device"
+    assert cache.statistics()["entries"] == 0
+
+
+async def test_a_forged_request_against_a_remembered_key_reads_the_device_once() -> None:
+    registry, cache = CountingRegistry(), DeviceKeyCache(10)
+    await registry.remembering(cache).verify(parsed())
+    with pytest.raises(AuthError) as forged:
+        await registry.remembering(cache).verify(parsed(key=OTHER))
+    assert forged.value.reason == "signature"
+    assert registry.lookups == 2
+    assert cache.get(ACCOUNT, 1) is not None  # the real owner's key stays
+
+
+async def test_a_changed_key_replaces_the_remembered_one() -> None:
+    registry, cache = CountingRegistry(), DeviceKeyCache(10)
+    await registry.remembering(cache).verify(parsed())
+    registry.devices[(ACCOUNT, 1)] = DeviceAuth(OTHER.public_key, False, None)
+    pending = await registry.remembering(cache).verify(parsed(key=OTHER))
+    assert (pending.from_cache, pending.device_key) == (False, OTHER.public_key)
+    entry = cache.get(ACCOUNT, 1)
+    assert entry is not None and entry.device_key == OTHER.public_key
+
+
+def test_key_cache_is_bounded_and_forgets() -> None:
+    cache = DeviceKeyCache(2)
+    cache.put("a", 1, b"k1", None)
+    cache.put("a", 2, b"k2", None)
+    cache.put("a", 1, b"k1'", None)  # a refresh takes no room
+    cache.put("b", 1, b"k3", 5.0)
+    assert cache.get("a", 1) is None  # the oldest went first
+    assert [e.device_key for e in (cache.get("a", 2), cache.get("b", 1)) if e] == [b"k2", b"k3"]
+    cache.seen("b", 1, 9.0)
+    assert (entry := cache.get("b", 1)) is not None and entry.last_seen_at == 9.0
+    cache.forget_account("a")
+    cache.forget("b", 1)
+    assert cache.statistics()["entries"] == 0
+    off = DeviceKeyCache(0)
+    off.put("a", 1, b"k", None)
+    assert off.get("a", 1) is None

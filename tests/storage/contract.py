@@ -31,7 +31,7 @@ import attrs
 import pytest
 import trio
 
-from pqmsg.errors import Conflict, DeviceMismatch, Forbidden, NotFound, ProblemError
+from pqmsg.errors import AuthError, Conflict, DeviceMismatch, Forbidden, NotFound, ProblemError
 from pqmsg.storage.base import (
     Backend,
     Bundle,
@@ -774,6 +774,63 @@ class StorageContract:
                 await send(storage, Sender(alice, 1), bob, copies(1), now, message_id=message_id)
                 == 1
             )
+
+    async def test_sender_key_is_checked_with_the_send(self, storage: Backend, now: float) -> None:
+        with trio.fail_after(DEADLINE_S):
+            alice = await make_account(storage, now, devices=2)
+            bob = await make_account(storage, now)
+            first = new_id()
+
+            async def keyed(sender: Sender, key: bytes, message_id: str | None = None) -> int:
+                result = await storage.store_messages(
+                    sender, message_id or new_id(), bob, copies(1), now=now,
+                    idempotency_window_s=WINDOW_S, sender_key=key,
+                )
+                return result.stored
+
+            assert await keyed(Sender(alice, 1), b"key:1", first) == 1
+            refusals = []
+            for sender, key in [
+                (Sender(alice, 1), b"key:2"),  # another device's key
+                (Sender(alice, 3), b"key:1"),  # no such device
+                (Sender(new_id(), 1), b"key:1"),  # no such account
+            ]:
+                with pytest.raises(AuthError) as refused:
+                    await keyed(sender, key)
+                refusals.append(refused.value.reason)
+            assert refusals == ["signature", "unknown_device", "unknown_device"]
+
+            assert await storage.revoke_device(alice, 2, now=now)
+            with pytest.raises(AuthError) as revoked:
+                await keyed(Sender(alice, 2), b"key:2")
+            assert revoked.value.reason == "revoked"
+            # Checked before the send id: a retry of a stored send is refused too.
+            await storage.delete_account(alice)
+            with pytest.raises(AuthError) as gone:
+                await keyed(Sender(alice, 1), b"key:1", first)
+            assert gone.value.reason == "unknown_device"
+            assert await queue_of(storage, bob, 1) == [b"m->1"]
+
+    async def test_account_registered_again_under_its_id_refuses_the_old_key(
+        self, storage: Backend, now: float
+    ) -> None:
+        with trio.fail_after(DEADLINE_S):
+            alice = await make_account(storage, now)
+            bob = await make_account(storage, now)
+            await storage.delete_account(alice)
+            await storage.create_account(alice, b"identity again", device_of("again"), now=now)
+            with pytest.raises(AuthError) as refused:
+                await storage.store_messages(
+                    Sender(alice, 1), new_id(), bob, copies(1), now=now,
+                    idempotency_window_s=WINDOW_S, sender_key=b"key:1",
+                )
+            assert refused.value.reason == "signature"
+            assert await queue_of(storage, bob, 1) == []
+            stored = await storage.store_messages(
+                Sender(alice, 1), new_id(), bob, copies(1), now=now,
+                idempotency_window_s=WINDOW_S, sender_key=b"key:again",
+            )
+            assert stored.stored == 1
 
     async def test_purge_forgets_old_send_ids(self, storage: Backend, now: float) -> None:
         with trio.fail_after(DEADLINE_S):

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from pqmsg.aioloop import open_aio_loop
-from pqmsg.errors import DeviceMismatch, NotFound, StorageUnavailable
+from pqmsg.errors import AuthError, DeviceMismatch, NotFound, StorageUnavailable
 from pqmsg.settings import StorageSettings
 from pqmsg.storage.base import DeviceAuth, OutgoingCopy, Sender, StoreResult
 from pqmsg.storage.postgres import (
@@ -68,10 +68,12 @@ def sending(
     sent: Sequence[OutgoingCopy],
     now: float,
     message_id: str,
+    sender_key: bytes | None = None,
 ) -> tuple[Any, ...]:
     async def call() -> StoreResult:
         return await db.store_messages(
-            sender, message_id, recipient, sent, now=now, idempotency_window_s=WINDOW_S
+            sender, message_id, recipient, sent, now=now, idempotency_window_s=WINDOW_S,
+            sender_key=sender_key,
         )
 
     return (call,)
@@ -141,6 +143,33 @@ async def test_refusals_in_a_batch_are_their_senders_alone(
         answers[2].unwrap()
     assert mismatch.value.extra == {"missing": [2], "extra": []}
     assert sorted(await queue_of(storage, bob, 1)) == [b"ok too->1", b"ok->1"]
+
+
+async def test_sender_checks_in_a_batch_are_their_senders_alone(
+    storage: PostgresStorage, now: float
+) -> None:
+    alice = await make_account(storage, now, devices=2)
+    bob = await make_account(storage, now)
+    await storage.revoke_device(alice, 2, now=now)
+    before = storage.batch_statistics()["sends"]
+    answers = await all_at_once(
+        [
+            sending(storage, Sender(alice, 1), bob, copies(1, text="keyed"), now, new_id(), b"key:1"),
+            sending(storage, Sender(alice, 2), bob, copies(1, text="revoked"), now, new_id(), b"key:2"),
+            sending(storage, Sender(alice, 1), bob, copies(1, text="old key"), now, new_id(), b"key:x"),
+            sending(storage, Sender(alice, 1), bob, copies(1, text="unkeyed"), now, new_id()),
+        ]
+    )
+    after = storage.batch_statistics()["sends"]
+    assert after.batches > before.batches
+    reasons = []
+    for answer in answers[1:3]:
+        with pytest.raises(AuthError) as refused:
+            answer.unwrap()
+        reasons.append(refused.value.reason)
+    assert reasons == ["revoked", "signature"]
+    assert answers[0].unwrap().stored == answers[3].unwrap().stored == 1
+    assert sorted(await queue_of(storage, bob, 1)) == [b"keyed->1", b"unkeyed->1"]
 
 
 async def test_a_batch_the_database_refuses_runs_again_send_by_send(

@@ -448,7 +448,9 @@ async def _queue_costs(
     head = await con.fetch(FETCH_SQL, recipient, 1, 100)
     ids = [str(row["id"]) for row in head]
     window = 3600.0
-    send_args = (sender, 1, new_id(), recipient, now, now - window, [new_id()], [1], [b"c"], [None])
+    send_args = (
+        sender, 1, new_id(), recipient, now, now - window, [new_id()], [1], [b"c"], [None], None
+    )
     operations: dict[str, tuple[str, tuple[object, ...]]] = {
         "fetch": (FETCH_SQL, (recipient, 1, 101)),
         "ack": (ACK_SQL, (recipient, 1, ids)),
