@@ -49,11 +49,17 @@ NonceRecorder = Callable[[str, int, str], Awaitable[bool]]
 
 @attrs.frozen
 class Principal:
-    """The device an authenticated request comes from."""
+    """The device an authenticated request comes from.
+
+    ``device_key`` and ``from_cache`` as for :class:`Unadmitted` (the key is
+    empty where the request was not verified through :meth:`Authenticator.verify`).
+    """
 
     account: str
     device: int
     last_seen_at: float | None
+    device_key: bytes = b""
+    from_cache: bool = False
 
 
 @attrs.frozen
@@ -74,7 +80,9 @@ class Unadmitted:
 
     def admitted(self) -> Principal:
         """The principal, once the nonce was recorded as fresh."""
-        return Principal(self.account, self.device, self.last_seen_at)
+        return Principal(
+            self.account, self.device, self.last_seen_at, self.device_key, self.from_cache
+        )
 
 
 @attrs.frozen

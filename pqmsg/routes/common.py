@@ -73,16 +73,32 @@ async def json_body(body: bytes | None = None) -> Obj:
     return parse_json_object(body, request.headers.get("content-type"))
 
 
-async def authenticate(svc: Services) -> tuple[Principal, bytes]:
-    """Authenticate the current request (§3); returns the device and the raw body."""
+async def authenticate(svc: Services, *, remembered: bool = False) -> tuple[Principal, bytes]:
+    """Authenticate the current request (§3); returns the device and the raw body.
+
+    ``remembered`` as for :func:`verify_request`: the nonce is recorded
+    here, and a replay reads the device before it is refused.
+    """
     body = await read_body()
-    principal = await authenticate_scope(
-        svc, request.scope, request.method, request.path, request.headers.items(), body
-    )
+    if not remembered:
+        principal = await authenticate_scope(
+            svc, request.scope, request.method, request.path, request.headers.items(), body
+        )
+        return principal, body
+    pending, body = await verify_request(svc, remembered=True, body=body)
+    if not await svc.replay.record(pending.account, pending.device, pending.nonce):
+        await confirm_device(svc, pending)
+        exc = replayed()
+        await record_auth_reject(svc, exc, request.scope, pending.account)
+        raise exc
+    principal = pending.admitted()
+    await _touch(svc, principal)
     return principal, body
 
 
-async def verify_request(svc: Services, *, remembered: bool = False) -> tuple[Unadmitted, bytes]:
+async def verify_request(
+    svc: Services, *, remembered: bool = False, body: bytes | None = None
+) -> tuple[Unadmitted, bytes]:
     """Checks 1-5 of §3 for the current request; the nonce waits for :func:`admit`.
 
     For routes that validate their input before they record the nonce and
@@ -91,11 +107,13 @@ async def verify_request(svc: Services, *, remembered: bool = False) -> tuple[Un
 
     ``remembered``: the signature may verify against a key remembered from
     an earlier request (:mod:`pqmsg.protocol.keycache`). Only for a route
-    whose write re-checks the device (``sender_key``), passes every storage
-    refusal of the device to :func:`sender_refused`, and runs its own
-    refusals through :func:`confirm_device`.
+    whose storage calls re-check the device (``sender_key``,
+    ``device_key``), pass every storage refusal of the device to
+    :func:`device_refused`, and run its own refusals through
+    :func:`confirm_device`.
     """
-    body = await read_body()
+    if body is None:
+        body = await read_body()
     pending = await _checked(
         svc, request.scope, request.method, request.path, request.headers.items(), body,
         Authenticator.verify, cache=svc.device_keys if remembered else None,
@@ -103,7 +121,7 @@ async def verify_request(svc: Services, *, remembered: bool = False) -> tuple[Un
     return pending, body
 
 
-async def confirm_device(svc: Services, pending: Unadmitted) -> None:
+async def confirm_device(svc: Services, pending: Unadmitted | Principal) -> None:
     """Checks 3-5 against the database, for a request verified with a remembered key.
 
     A route calls it before it answers with a refusal of its own (bad
@@ -117,10 +135,10 @@ async def confirm_device(svc: Services, pending: Unadmitted) -> None:
         pending.device_key,
     )
     if refusal is not None:
-        await sender_refused(svc, pending, refusal)
+        await device_refused(svc, pending, refusal)
 
 
-async def sender_refused(svc: Services, pending: Unadmitted, exc: AuthError) -> NoReturn:
+async def device_refused(svc: Services, pending: Unadmitted | Principal, exc: AuthError) -> NoReturn:
     """The device no longer signs with the key its request verified with: forget it, reject."""
     svc.device_keys.forget(pending.account, pending.device)
     await record_auth_reject(svc, exc, request.scope, pending.account)

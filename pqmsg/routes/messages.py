@@ -26,9 +26,9 @@ from pqmsg.routes.common import (
     admit,
     authenticate,
     confirm_device,
+    device_refused,
     json_body,
     json_response,
-    sender_refused,
     verify_request,
 )
 from pqmsg.services import Services
@@ -119,7 +119,7 @@ def blueprint(svc: Services) -> Blueprint:
                 sender_key=pending.device_key,
             )
         except AuthError as exc:
-            await sender_refused(svc, pending, exc)
+            await device_refused(svc, pending, exc)
         if not result.duplicate:
             svc.metrics.stored.inc(result.stored)
             svc.metrics.ratchet_advances.inc(result.ratchet_advances)
@@ -130,36 +130,55 @@ def blueprint(svc: Services) -> Blueprint:
 
     @bp.get("/v1/messages")
     async def fetch() -> Response:
-        me, _ = await authenticate(svc)
+        # As for sends: the key may be remembered, and each read re-checks it.
+        me, _ = await authenticate(svc, remembered=True)
         args = request.args
-        unknown = sorted(set(args) - FETCH_PARAMS)
-        if unknown:
-            raise BadRequest(f"unknown query parameter {unknown[0]!r}", reason="bad_query")
-        limit_n = _int_param("limit", args["limit"], 1, settings.max_fetch) if "limit" in args else DEFAULT_FETCH
-        wait_s = _int_param("wait", args["wait"], 0, settings.max_wait_s) if "wait" in args else 0
-        with svc.notifier.subscribe(me.account, me.device) as sub:
-            messages, more = await db.fetch_messages(me.account, me.device, limit=limit_n)
-            if not messages and wait_s > 0:
-                borrower = request.scope.get("pqmsg.borrower")
-                async with svc.in_flight.parked(borrower):
-                    with trio.move_on_after(wait_s):
-                        try:
-                            await sub.wait()
-                        except DeviceClosed:
-                            pass  # the next fetch is empty; the next request gets 401
-                messages, more = await db.fetch_messages(me.account, me.device, limit=limit_n)
+        try:
+            unknown = sorted(set(args) - FETCH_PARAMS)
+            if unknown:
+                raise BadRequest(f"unknown query parameter {unknown[0]!r}", reason="bad_query")
+            limit_n = _int_param("limit", args["limit"], 1, settings.max_fetch) if "limit" in args else DEFAULT_FETCH
+            wait_s = _int_param("wait", args["wait"], 0, settings.max_wait_s) if "wait" in args else 0
+        except ProblemError:
+            await confirm_device(svc, me)
+            raise
+        try:
+            with svc.notifier.subscribe(me.account, me.device) as sub:
+                messages, more = await db.fetch_messages(
+                    me.account, me.device, limit=limit_n, device_key=me.device_key
+                )
+                if not messages and wait_s > 0:
+                    borrower = request.scope.get("pqmsg.borrower")
+                    async with svc.in_flight.parked(borrower):
+                        with trio.move_on_after(wait_s):
+                            try:
+                                await sub.wait()
+                            except DeviceClosed:
+                                pass  # revoked or deleted: the fetch below says so
+                    messages, more = await db.fetch_messages(
+                        me.account, me.device, limit=limit_n, device_key=me.device_key
+                    )
+        except AuthError as exc:
+            await device_refused(svc, me, exc)
         svc.metrics.delivered.inc(len(messages))
         return json_response({"messages": [message_json(m) for m in messages], "more": more})
 
     @bp.post("/v1/messages/ack")
     async def ack() -> Response:
-        me, raw = await authenticate(svc)
-        body = await json_body(raw)
-        reject_unknown(body, {"ids"})
-        ids = list_field(body, "ids", max_items=MAX_ACK)
-        for i, value in enumerate(ids):
-            uuid_field({"id": value}, "id", where=f"ids[{i}].")
-        acked = await db.ack_messages(me.account, me.device, ids)
+        me, raw = await authenticate(svc, remembered=True)
+        try:
+            body = await json_body(raw)
+            reject_unknown(body, {"ids"})
+            ids = list_field(body, "ids", max_items=MAX_ACK)
+            for i, value in enumerate(ids):
+                uuid_field({"id": value}, "id", where=f"ids[{i}].")
+        except ProblemError:
+            await confirm_device(svc, me)
+            raise
+        try:
+            acked = await db.ack_messages(me.account, me.device, ids, device_key=me.device_key)
+        except AuthError as exc:
+            await device_refused(svc, me, exc)
         svc.metrics.acked.inc(acked)
         return json_response({"acked": acked})
 

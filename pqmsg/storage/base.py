@@ -289,12 +289,22 @@ class Storage(Protocol):
         """
 
     async def fetch_messages(
-        self, account: str, device: int, *, limit: int
+        self, account: str, device: int, *, limit: int, device_key: bytes | None = None
     ) -> tuple[tuple[QueuedMessage, ...], bool]:
-        """The oldest unacknowledged messages in store order, and whether more wait."""
+        """The oldest unacknowledged messages in store order, and whether more wait.
 
-    async def ack_messages(self, account: str, device: int, ids: Sequence[str]) -> int:
-        """Remove those messages from the device's queue; unknown ids are ignored."""
+        With ``device_key``, first refuses as ``store_messages`` refuses a
+        sender: :class:`pqmsg.errors.AuthError` unless the device is active
+        with that key, checked with the read.
+        """
+
+    async def ack_messages(
+        self, account: str, device: int, ids: Sequence[str], *, device_key: bytes | None = None
+    ) -> int:
+        """Remove those messages from the device's queue; unknown ids are ignored.
+
+        ``device_key`` as for :meth:`fetch_messages`; a refusal removes nothing.
+        """
 
     async def purge_idempotency(self, *, older_than: float) -> int:
         """Forget send ids recorded before ``older_than``; returns how many."""

@@ -256,14 +256,20 @@ class PostgresStorage:
         return await messages.store_messages_batch(self._pool, calls)
 
     async def fetch_messages(
-        self, account: str, device: int, *, limit: int
+        self, account: str, device: int, *, limit: int, device_key: bytes | None = None
     ) -> tuple[tuple[QueuedMessage, ...], bool]:
         with self._deadline():
-            return await messages.fetch_messages(self._pool, account, device, limit=limit)
+            return await messages.fetch_messages(
+                self._pool, account, device, limit=limit, device_key=device_key
+            )
 
-    async def ack_messages(self, account: str, device: int, ids: Sequence[str]) -> int:
+    async def ack_messages(
+        self, account: str, device: int, ids: Sequence[str], *, device_key: bytes | None = None
+    ) -> int:
         with self._deadline():
-            return await messages.ack_messages(self._pool, account, device, ids)
+            return await messages.ack_messages(
+                self._pool, account, device, ids, device_key=device_key
+            )
 
     async def purge_idempotency(self, *, older_than: float) -> int:
         with self._deadline():

@@ -5,7 +5,8 @@ A send is one round trip: the ``store_messages`` database function
 (``synchronous_commit`` on):
 
 0. given the sender's key (migration ``0004``), refuse the send unless the
-   sending device is active with that key;
+   sending device is active with that key (fetch and ack, given the
+   device's key, make the same check in their own statement);
 1. lock the recipient's account row ``FOR SHARE`` (membership changes take
    it ``FOR UPDATE``) and read the active devices;
 2. return the first result of an earlier send with this id, if any;
@@ -52,11 +53,11 @@ FROM store_messages($1, $2, $3, $4, $5, $6, $7::uuid[], $8::integer[], $9::bytea
                     $11::bytea)
 """
 
-# The store's refusals of the sending device, as §3's reject reasons.
-SENDER_REFUSALS = {
-    "sender_unknown": "unknown_device",
-    "sender_revoked": "revoked",
-    "sender_key": "signature",
+# device_refusal()'s answers (migration 0004), as §3's reject reasons.
+DEVICE_REFUSALS = {
+    "device_unknown": "unknown_device",
+    "device_revoked": "revoked",
+    "device_key": "signature",
 }
 
 # Several sends in one statement (migration 0003); one row per send, by position.
@@ -79,6 +80,33 @@ ORDER BY seq LIMIT $3
 ACK_SQL = """
 DELETE FROM messages
 WHERE id = ANY($3::uuid[]) AND recipient_account = $1 AND recipient_device = $2
+"""
+
+# FETCH_SQL for a device that must still sign with the key $4: one row
+# with the refusal and no message, or the messages (or one empty row).
+FETCH_CHECKED_SQL = """
+WITH checked AS (SELECT device_refusal($1, $2, $4) AS refusal)
+SELECT c.refusal, m.id, m.sender_account, m.sender_device, m.ciphertext, m.pq_epoch, m.server_ts
+FROM checked c
+LEFT JOIN LATERAL (
+    SELECT id, sender_account, sender_device, ciphertext, pq_epoch, server_ts, seq
+    FROM messages
+    WHERE recipient_account = $1 AND recipient_device = $2 AND c.refusal IS NULL
+    ORDER BY seq LIMIT $3
+) m ON true
+ORDER BY m.seq
+"""
+
+# ACK_SQL for a device that must still sign with the key $4; a refusal deletes nothing.
+ACK_CHECKED_SQL = """
+WITH checked AS (SELECT device_refusal($1, $2, $4) AS refusal),
+gone AS (
+    DELETE FROM messages
+    WHERE id = ANY($3::uuid[]) AND recipient_account = $1 AND recipient_device = $2
+      AND (SELECT refusal FROM checked) IS NULL
+    RETURNING 1
+)
+SELECT (SELECT refusal FROM checked) AS refusal, (SELECT count(*) FROM gone) AS acked
 """
 
 
@@ -178,8 +206,8 @@ async def store_messages(con: PgQueries, call: StoreCall) -> StoreResult:
 def _store_result(row: Row) -> StoreResult:
     """The function's answer as a result, or as the contract's error for a refusal."""
     outcome = row["outcome"]
-    if outcome in SENDER_REFUSALS:
-        raise device_reject(SENDER_REFUSALS[outcome])
+    if outcome in DEVICE_REFUSALS:
+        raise device_reject(DEVICE_REFUSALS[outcome])
     if outcome == "no_recipient":
         raise NotFound("no such recipient")
     if outcome == "device_mismatch":
@@ -195,16 +223,16 @@ def _store_result(row: Row) -> StoreResult:
 
 
 async def fetch_messages(
-    con: PgQueries, account: str, device: int, *, limit: int
+    con: PgQueries, account: str, device: int, *, limit: int, device_key: bytes | None = None
 ) -> tuple[tuple[QueuedMessage, ...], bool]:
     if limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
-    rows = await con.fetch(
-        FETCH_SQL,
-        account,
-        device,
-        limit + 1,
-    )
+    if device_key is None:
+        rows = await con.fetch(FETCH_SQL, account, device, limit + 1)
+    else:
+        rows = await con.fetch(FETCH_CHECKED_SQL, account, device, limit + 1, device_key)
+        _raise_refusal(rows[0]["refusal"])
+        rows = [row for row in rows if row["id"] is not None]
     messages = tuple(
         QueuedMessage(
             id=str(row["id"]),
@@ -218,11 +246,25 @@ async def fetch_messages(
     return messages, len(rows) > limit
 
 
-async def ack_messages(con: PgQueries, account: str, device: int, ids: Sequence[str]) -> int:
+async def ack_messages(
+    con: PgQueries, account: str, device: int, ids: Sequence[str], *,
+    device_key: bytes | None = None,
+) -> int:
     wanted = [parsed for parsed in map(_uuid_or_none, ids) if parsed is not None]
+    if device_key is not None:
+        row = await con.fetchrow(ACK_CHECKED_SQL, account, device, wanted, device_key)
+        assert row is not None  # the statement always answers one row
+        _raise_refusal(row["refusal"])
+        return int(row["acked"])
     if not wanted:
         return 0
     return rows_affected(await con.execute(ACK_SQL, account, device, wanted))
+
+
+def _raise_refusal(refusal: str | None) -> None:
+    """device_refusal()'s answer as the contract's 401, if it refused."""
+    if refusal is not None:
+        raise device_reject(DEVICE_REFUSALS[refusal])
 
 
 def _uuid_or_none(text: str) -> str | None:

@@ -400,12 +400,14 @@ class SqliteStorage:
         )
 
     async def fetch_messages(
-        self, account: str, device: int, *, limit: int
+        self, account: str, device: int, *, limit: int, device_key: bytes | None = None
     ) -> tuple[tuple[QueuedMessage, ...], bool]:
-        return await self._call(messages.fetch_messages, account, device, limit)
+        return await self._call(messages.fetch_messages, account, device, limit, device_key)
 
-    async def ack_messages(self, account: str, device: int, ids: Sequence[str]) -> int:
-        return await self._call(messages.ack_messages, account, device, ids)
+    async def ack_messages(
+        self, account: str, device: int, ids: Sequence[str], *, device_key: bytes | None = None
+    ) -> int:
+        return await self._call(messages.ack_messages, account, device, ids, device_key)
 
     async def purge_idempotency(self, *, older_than: float) -> int:
         # In batches, each its own call, so sends and fetches interleave.

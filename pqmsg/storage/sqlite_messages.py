@@ -32,6 +32,16 @@ _UPSERT_EPOCH = (
 )
 
 
+def check_device(
+    conn: sqlite3.Connection, account: str, device: int, device_key: bytes | None
+) -> None:
+    """Raise the device's refusal unless it is active with ``device_key`` (None: no check)."""
+    if device_key is not None:
+        refusal = device_refusal(get_device_auth(conn, account, device), device_key)
+        if refusal is not None:
+            raise refusal
+
+
 def store_messages(
     conn: sqlite3.Connection,
     sender: Sender,
@@ -51,12 +61,7 @@ def store_messages(
     if len(set(addressed)) != len(addressed):
         raise BadRequest("a device is addressed twice")
     with write(conn):
-        if sender_key is not None:
-            refusal = device_refusal(
-                get_device_auth(conn, sender.account, sender.device), sender_key
-            )
-            if refusal is not None:
-                raise refusal
+        check_device(conn, sender.account, sender.device, sender_key)
         previous = conn.execute(
             "SELECT stored, ratchet_advances, devices FROM sends"
             " WHERE sender_account = ? AND id = ? AND created_at > ?",
@@ -130,10 +135,12 @@ def _check_devices(conn: sqlite3.Connection, recipient: str, addressed: set[int]
 
 
 def fetch_messages(
-    conn: sqlite3.Connection, account: str, device: int, limit: int
+    conn: sqlite3.Connection, account: str, device: int, limit: int,
+    device_key: bytes | None = None,
 ) -> tuple[tuple[QueuedMessage, ...], bool]:
     if limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
+    check_device(conn, account, device, device_key)
     rows = conn.execute(
         "SELECT id, sender_account, sender_device, ciphertext, pq_epoch, server_ts"
         " FROM messages WHERE recipient_account = ? AND recipient_device = ?"
@@ -155,7 +162,11 @@ def fetch_messages(
     return messages, len(rows) > limit
 
 
-def ack_messages(conn: sqlite3.Connection, account: str, device: int, ids: Sequence[str]) -> int:
+def ack_messages(
+    conn: sqlite3.Connection, account: str, device: int, ids: Sequence[str],
+    device_key: bytes | None = None,
+) -> int:
+    check_device(conn, account, device, device_key)
     unique = dict.fromkeys(ids)
     if not unique:
         return 0

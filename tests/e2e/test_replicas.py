@@ -128,58 +128,86 @@ async def test_on_postgres_alone_wake_ups_cross_replicas_by_listen_notify(
             assert woke[0] - sent < 1.0
 
 
-async def test_a_revocation_at_one_replica_refuses_the_next_send_at_the_other(
+async def test_a_revocation_at_one_replica_refuses_the_next_request_at_the_other(
     tmp_path: Path, shared_env: dict[str, str]
 ) -> None:
     """A's remembered device keys (pqmsg.protocol.keycache) do not outlive a revocation at B."""
+    env = shared_env | {"PQMSG_RATE_PROVISIONING": "100/100"}
     with trio.fail_after(90):
         async with (
-            server_process(tmp_path / "a", env=shared_env) as a,
-            server_process(tmp_path / "b", env=shared_env) as b,
+            server_process(tmp_path / "a", env=env) as a,
+            server_process(tmp_path / "b", env=env) as b,
             Client(a.url) as on_a,
             Client(b.url) as on_b,
             httpx.AsyncClient() as raw,
         ):
             alice = await on_a.register()
             bob = await on_a.register()
-            second, third, fourth = [await alice.link_new_device() for _ in range(3)]
+            devices = [await alice.link_new_device() for _ in range(7)]
+            sender, bad_sender, replayer, poller, acker, bad_fetcher, bad_acker = devices
 
-            def signed_send(device: Any, body: bytes) -> tuple[str, bytes, dict[str, str]]:
-                path = f"/v1/messages/{bob.account}"
-                headers = sign_headers(
-                    "PUT", path, "", body, account=alice.account, device=device.device,
+            def signed(device: Any, method: str, path: str, query: str, body: bytes) -> dict[str, str]:
+                return sign_headers(
+                    method, path, query, body, account=alice.account, device=device.device,
                     device_key=device.device_key, now=on_a.clock(),
                 ) | {"Content-Type": "application/json"}
-                return a.url + path, body, headers
 
-            # Each device sends at A once, so A remembers its key; the fourth
-            # device's request is kept to be replayed.
-            await second.send(bob.account, {1: b"second"})
-            await third.send(bob.account, {1: b"third"})
-            url, body, kept = signed_send(fourth, json.dumps({"id": str(uuid.uuid4()), "messages": [
-                {"device": 1, "ciphertext": b64encode(b"fourth")}]}).encode())
-            assert (await raw.put(url, content=body, headers=kept)).status_code == 200
+            # Each device makes a request at A, so A remembers its key; one
+            # send is kept to be replayed, one message waits to be acked.
+            for device in devices:
+                await device.receive()
+            send_path = f"/v1/messages/{bob.account}"
+            body = json.dumps({"id": str(uuid.uuid4()), "messages": [
+                {"device": 1, "ciphertext": b64encode(b"kept")}]}).encode()
+            kept = signed(replayer, "PUT", send_path, "", body)
+            assert (await raw.put(a.url + send_path, content=body, headers=kept)).status_code == 200
+            await bob.send(alice.account, {d: b"to ack" for d in range(1, 9)})
+            to_ack = (await acker.receive())[0][0].id
+            await poller.ack([m.id for m in (await poller.receive())[0]])
 
             alice_on_b = type(alice)(on_b, alice.account, alice.device, alice.device_key, alice.identity)
-            for device in (second, third, fourth):
-                await alice_on_b.revoke(device.device)
+            answers: dict[str, tuple[int, str]] = {}
 
-            # At A: a good send is refused by the store's check; bad input and
-            # a replay are refused as revoked, not as bad input or replay.
-            with pytest.raises(ProblemResponse) as good:
-                await second.send(bob.account, {1: b"after"})
-            _, bad_body, bad_headers = signed_send(third, b'{"id": "not-a-uuid", "messages": []}')
-            bad = await raw.put(url, content=bad_body, headers=bad_headers)
-            replay = await raw.put(url, content=body, headers=kept)
-            # Refused again, now without the remembered key.
-            with pytest.raises(ProblemResponse) as again:
-                await second.send(bob.account, {1: b"again"})
+            async def parked_poll() -> None:
+                with pytest.raises(ProblemResponse) as refused:
+                    await poller.receive(wait=3)
+                answers["parked poll"] = (refused.value.status, refused.value.reason)
 
-            assert (good.value.status, good.value.reason) == (401, "revoked")
-            assert (bad.status_code, bad.json()["reason"]) == (401, "revoked")
-            assert (replay.status_code, replay.json()["reason"]) == (401, "revoked")
-            assert (again.value.status, again.value.reason) == (401, "revoked")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(parked_poll)
+                await trio.sleep(0.5)
+                for device in devices:
+                    await alice_on_b.revoke(device.device)
+
+            # At A: what the storage does is refused by its own re-check; bad
+            # input and a replay are refused as revoked, not as what they are.
+            async def refused(name: str, call: Any) -> None:
+                with pytest.raises(ProblemResponse) as exc:
+                    await call
+                answers[name] = (exc.value.status, exc.value.reason)
+
+            async def raw_answer(name: str, method: str, path: str, query: str, body: bytes, device: Any) -> None:
+                response = await raw.request(
+                    method, a.url + path + (f"?{query}" if query else ""), content=body,
+                    headers=signed(device, method, path, query, body),
+                )
+                answers[name] = (response.status_code, response.json()["reason"])
+
+            await refused("send", sender.send(bob.account, {1: b"after"}))
+            await refused("send again", sender.send(bob.account, {1: b"again"}))
+            await raw_answer("bad send", "PUT", send_path, "", b'{"id": "not-a-uuid"}', bad_sender)
+            replay = await raw.put(a.url + send_path, content=body, headers=kept)
+            answers["replayed send"] = (replay.status_code, replay.json()["reason"])
+            await refused("ack", acker.ack([to_ack]))
+            await raw_answer("bad fetch", "GET", "/v1/messages", "limit=0", b"", bad_fetcher)
+            await raw_answer("bad ack", "POST", "/v1/messages/ack", "", b'{"ids": 1}', bad_acker)
+
+            assert answers == dict.fromkeys(
+                ["parked poll", "send", "send again", "bad send", "replayed send", "ack",
+                 "bad fetch", "bad ack"],
+                (401, "revoked"),
+            )
             messages, _ = await bob.receive()
-            assert [m.ciphertext for m in messages] == [b"second", b"third", b"fourth"]
+            assert [m.ciphertext for m in messages] == [b"kept"]
             metrics = (await on_a.http.get("/metrics")).text
-            assert 'pqmsg_auth_rejects_total{reason="revoked"} 4.0' in metrics
+            assert 'pqmsg_auth_rejects_total{reason="revoked"} 8.0' in metrics

@@ -811,6 +811,46 @@ class StorageContract:
             assert gone.value.reason == "unknown_device"
             assert await queue_of(storage, bob, 1) == [b"m->1"]
 
+    async def test_device_key_is_checked_with_fetch_and_ack(self, storage: Backend, now: float) -> None:
+        with trio.fail_after(DEADLINE_S):
+            alice = await make_account(storage, now)
+            bob = await make_account(storage, now, devices=2)
+            await send(storage, Sender(alice, 1), bob, copies(1, 2), now)
+            fetched, more = await storage.fetch_messages(bob, 1, limit=10, device_key=b"key:1")
+            assert ([m.ciphertext for m in fetched], more) == ([b"m->1"], False)
+            empty, _ = await storage.fetch_messages(alice, 1, limit=10, device_key=b"key:1")
+            assert empty == ()
+            assert await storage.ack_messages(bob, 1, [], device_key=b"key:1") == 0
+
+            reasons = []
+            for account, device, key in [
+                (bob, 1, b"key:2"),  # another device's key
+                (bob, 3, b"key:1"),  # no such device
+                (new_id(), 1, b"key:1"),  # no such account
+            ]:
+                for call in (
+                    storage.fetch_messages(account, device, limit=10, device_key=key),
+                    storage.ack_messages(account, device, [fetched[0].id], device_key=key),
+                ):
+                    with pytest.raises(AuthError) as refused:
+                        await call
+                    reasons.append(refused.value.reason)
+            assert reasons == ["signature"] * 2 + ["unknown_device"] * 4
+            assert await queue_of(storage, bob, 1) == [b"m->1"]  # the refused ack removed nothing
+
+            second, _ = await storage.fetch_messages(bob, 2, limit=10)
+            assert await storage.revoke_device(bob, 2, now=now)
+            for call in (
+                storage.fetch_messages(bob, 2, limit=10, device_key=b"key:2"),
+                storage.ack_messages(bob, 2, [second[0].id], device_key=b"key:2"),
+                storage.ack_messages(bob, 2, [], device_key=b"key:2"),
+            ):
+                with pytest.raises(AuthError) as revoked:
+                    await call
+                assert revoked.value.reason == "revoked"
+            assert await storage.ack_messages(bob, 1, [fetched[0].id], device_key=b"key:1") == 1
+            assert await queue_of(storage, bob, 1) == []
+
     async def test_account_registered_again_under_its_id_refuses_the_old_key(
         self, storage: Backend, now: float
     ) -> None:

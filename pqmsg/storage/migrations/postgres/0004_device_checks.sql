@@ -1,14 +1,16 @@
--- Sends that re-check the sending device in their own transaction.
+-- Requests that re-check their device in their own statement.
 --
--- A send's signature may have been verified against a key the replica
--- remembered from an earlier request (pqmsg/protocol/keycache.py). These
--- overloads of store_messages() (0002) and store_messages_batch() (0003)
--- take that key and, before anything else, refuse the send when the
--- device no longer signs with it:
+-- A send's, fetch's or ack's signature may have been verified against a key
+-- the replica remembered from an earlier request
+-- (pqmsg/protocol/keycache.py). device_refusal() says whether the device
+-- still signs with that key; the overloads of store_messages() (0002) and
+-- store_messages_batch() (0003) below take the key and, before anything
+-- else, refuse the send when it does not (the relay's fetch and ack
+-- statements call device_refusal() themselves):
 --
---   'sender_unknown'  no such device (or account) any more;
---   'sender_revoked'  the device was revoked;
---   'sender_key'      the device's key is not the one given (the account
+--   'device_unknown'  no such device (or account) any more;
+--   'device_revoked'  the device was revoked;
+--   'device_key'      the device's key is not the one given (the account
 --                     was deleted and registered again under the same id).
 --
 -- A refusal has written nothing and taken no lock. A NULL key skips the
@@ -23,12 +25,12 @@
 -- The earlier signatures stay, so replicas still running the previous
 -- release keep working during a rolling upgrade.
 
-CREATE FUNCTION sender_refusal(p_account uuid, p_device integer, p_key bytea)
+CREATE FUNCTION device_refusal(p_account uuid, p_device integer, p_key bytea)
 RETURNS text LANGUAGE sql STABLE AS $$
     SELECT CASE
-        WHEN d.device IS NULL THEN 'sender_unknown'
-        WHEN d.revoked_at IS NOT NULL THEN 'sender_revoked'
-        WHEN d.device_key <> p_key THEN 'sender_key'
+        WHEN d.device IS NULL THEN 'device_unknown'
+        WHEN d.revoked_at IS NOT NULL THEN 'device_revoked'
+        WHEN d.device_key <> p_key THEN 'device_key'
     END
     FROM (VALUES (1)) AS one (x)
     LEFT JOIN devices d ON d.account = p_account AND d.device = p_device
@@ -55,7 +57,7 @@ CREATE FUNCTION store_messages(
 ) LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     IF p_sender_key IS NOT NULL THEN
-        outcome := sender_refusal(p_sender_account, p_sender_device, p_sender_key);
+        outcome := device_refusal(p_sender_account, p_sender_device, p_sender_key);
         IF outcome IS NOT NULL THEN
             RETURN;
         END IF;
