@@ -171,7 +171,8 @@ def _device_paths() -> dict[str, Any]:
         "/v1/devices/{device}": {"delete": _operation(
             "revokeDevice", "Revoke a device of the same account", "devices",
             {"204": empty_response("Revoked: its keys, queue and push token are gone, its streams "
-                                   "closed, and its later requests get 401 `revoked`.")},
+                                   "closed, its parked long polls answer 401 `revoked`, and its "
+                                   "later requests get 401 `revoked`.")},
             (400, "`bad_path`: `device` is not a positive integer."),
             (403, "`forbidden`: the primary cannot be revoked, and a secondary device may revoke "
                   "only itself."),

@@ -86,14 +86,8 @@ async def authenticate(svc: Services, *, remembered: bool = False) -> tuple[Prin
         )
         return principal, body
     pending, body = await verify_request(svc, remembered=True, body=body)
-    if not await svc.replay.record(pending.account, pending.device, pending.nonce):
-        await confirm_device(svc, pending)
-        exc = replayed()
-        await record_auth_reject(svc, exc, request.scope, pending.account)
-        raise exc
-    principal = pending.admitted()
-    await _touch(svc, principal)
-    return principal, body
+    fresh = await svc.replay.record(pending.account, pending.device, pending.nonce)
+    return await _admitted(svc, pending, fresh), body
 
 
 async def verify_request(
@@ -157,6 +151,11 @@ async def admit(svc: Services, pending: Unadmitted, limiter: str, key: str) -> P
         await confirm_device(svc, pending)
         await _audit_rate_limited(svc, limiter, pending.account)
         raise
+    return await _admitted(svc, pending, fresh)
+
+
+async def _admitted(svc: Services, pending: Unadmitted, fresh: bool) -> Principal:
+    """The principal once its nonce was recorded; a replay (not ``fresh``) is refused."""
     if not fresh:
         await confirm_device(svc, pending)
         exc = replayed()
