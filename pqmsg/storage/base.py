@@ -200,7 +200,7 @@ class Storage(Protocol):
         """The device's key and revocation state, or None if unknown."""
 
     async def touch_device(self, account: str, device: int, *, now: float) -> None:
-        """Record that the device was seen (``last_seen_at``)."""
+        """Record that the device was seen (``last_seen_at``); a revoked device is left as it is."""
 
     async def list_devices(self, account: str) -> tuple[DeviceInfo, ...]:
         """Active (not revoked) devices, by device id."""

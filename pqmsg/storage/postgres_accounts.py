@@ -117,7 +117,7 @@ async def touch_device(con: PgQueries, account: str, device: int, *, now: float)
     # GREATEST: a late, slower request must not move last_seen_at back.
     await con.execute(
         "UPDATE devices SET last_seen_at = GREATEST(coalesce(last_seen_at, $3), $3)"
-        " WHERE account = $1 AND device = $2",
+        " WHERE account = $1 AND device = $2 AND revoked_at IS NULL",
         account,
         device,
         now,

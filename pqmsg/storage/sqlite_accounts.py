@@ -71,7 +71,7 @@ def touch_device(conn: sqlite3.Connection, account: str, device: int, now: float
     # max(): a late, slower request must not move last_seen_at back.
     conn.execute(
         "UPDATE devices SET last_seen_at = max(coalesce(last_seen_at, :now), :now)"
-        " WHERE account = :account AND device = :device",
+        " WHERE account = :account AND device = :device AND revoked_at IS NULL",
         {"now": now, "account": account, "device": device},
     )
 

@@ -197,6 +197,12 @@ class StorageContract:
             await storage.touch_device(account, 1, now=now + 30)
             (info,) = await storage.list_devices(account)
             assert info.last_seen_at == now + 60
+            # A revoked device's request (refused later) changes nothing.
+            second = await link(storage, account, now)
+            assert await storage.revoke_device(account, second, now=now)
+            await storage.touch_device(account, second, now=now + 90)
+            revoked = await storage.get_device_auth(account, second)
+            assert revoked is not None and revoked.last_seen_at is None
 
     async def test_list_devices_shows_active_devices_in_id_order(
         self, storage: Backend, now: float
