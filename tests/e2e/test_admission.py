@@ -18,11 +18,11 @@ import httpx
 import pytest
 import trio
 
-from pqmsg.client import Client, Device
+from pqmsg.client import Client, Device, ProblemResponse
 from pqmsg.protocol import crypto
 from pqmsg.protocol.b64 import b64encode
 from pqmsg.protocol.canonical import SignedRequest, canonical_string
-from pqmsg.settings import RateLimit
+from pqmsg.settings import RateLimit, Settings, SettingsError
 from tests.support.server import RunningServer, make_settings, running_server
 
 TEST_TIMEOUT_S = 60
@@ -126,3 +126,25 @@ async def test_bundle_fetches_are_admitted_the_same_way(server: RunningServer) -
     assert limited.status_code == 429
     # One bundle handed out, one one-time key of each kind gone.
     assert (status["one_time_prekeys"], status["pq_one_time_prekeys"]) == (1, 1)
+
+
+async def test_without_remembered_keys_every_request_reads_its_device(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", auth__device_key_cache=0)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with running_server(settings) as server, Client(server.url) as client:
+            alice, bob = await client.register(), await client.register()
+            second = await alice.link_new_device()
+            await alice.send(bob.account, {1: b"one"})
+            messages, _ = await bob.receive()
+            assert await bob.ack([m.id for m in messages]) == 1
+            await alice.revoke(second.device)
+            with pytest.raises(ProblemResponse) as revoked:
+                await second.send(bob.account, {1: b"two"})
+    assert (revoked.value.status, revoked.value.reason) == (401, "revoked")
+
+
+def test_remembered_keys_setting() -> None:
+    assert Settings.from_env({}).auth.device_key_cache == 10_000
+    assert Settings.from_env({"PQMSG_DEVICE_KEY_CACHE": "0"}).auth.device_key_cache == 0
+    with pytest.raises(SettingsError, match="PQMSG_DEVICE_KEY_CACHE"):
+        Settings.from_env({"PQMSG_DEVICE_KEY_CACHE": "-1"})
