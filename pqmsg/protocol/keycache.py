@@ -1,18 +1,19 @@
-"""Device keys remembered between requests, for the send path.
+"""Device keys remembered between requests, for sends, fetches and acks.
 
-A send is the one request whose write can re-check its device cheaply: the
-storage checks, in the same transaction as the copies it queues, that the
-sending device is still active and still has the key the signature was
-verified with (``Storage.store_messages(..., sender_key=...)``). So a send
-may verify its signature against a key remembered from an earlier request
-instead of reading the device from the database first:
+These are the requests whose storage call can re-check their device
+cheaply: in the same statement or transaction as the work itself, the
+storage checks that the device is still active and still has the key the
+signature was verified with (``store_messages(..., sender_key=...)``,
+``fetch_messages`` and ``ack_messages`` with ``device_key=...``). So such a
+request may verify its signature against a key remembered from an earlier
+request instead of reading the device from the database first:
 
 - a revocation or account deletion committed on any replica refuses the
-  next send at the store, with the reason the full checks would have given,
-  and the entry is forgotten;
-- any other refusal of a send verified this way (bad input, replay, rate
-  limit) first reads the device, so a revoked device hears ``revoked``, in
-  the contract's order, not the later refusal;
+  device's next such request at the storage, with the reason the full
+  checks would have given, and the entry is forgotten;
+- any other refusal of a request verified this way (bad input, replay,
+  rate limit) first reads the device, so a revoked device hears
+  ``revoked``, in the contract's order, not the later refusal;
 - a signature that does not verify against the remembered key falls back to
   the database, which answers with the current key.
 
@@ -38,16 +39,12 @@ class DeviceKeyCache:
 
     capacity: int
     _entries: dict[tuple[str, int], CachedDevice] = attrs.field(factory=dict, init=False)
-    hits: int = attrs.field(default=0, init=False)
-    misses: int = attrs.field(default=0, init=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, account: str, device: int) -> CachedDevice | None:
-        entry = self._entries.get((account, device))
-        if entry is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return entry
+        return self._entries.get((account, device))
 
     def put(self, account: str, device: int, device_key: bytes, last_seen_at: float | None) -> None:
         if self.capacity <= 0:
@@ -69,6 +66,3 @@ class DeviceKeyCache:
     def forget_account(self, account: str) -> None:
         for key in [key for key in self._entries if key[0] == account]:
             del self._entries[key]
-
-    def statistics(self) -> dict[str, int]:
-        return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}

@@ -10,8 +10,9 @@
 --
 --   'device_unknown'  no such device (or account) any more;
 --   'device_revoked'  the device was revoked;
---   'device_key'      the device's key is not the one given (the account
---                     was deleted and registered again under the same id).
+--   'device_key'      the device's key is not the one given (its row was
+--                     replaced, say by a restore or an account created
+--                     again under the same id).
 --
 -- A refusal has written nothing and taken no lock. A NULL key skips the
 -- check: the send runs exactly as the function without the key.
