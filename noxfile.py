@@ -25,8 +25,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """Mypy in strict mode on the package."""
-    session.install("-e", ".[typecheck]")
+    """Mypy in strict mode on the package and the load harness."""
+    session.install("-e", ".[typecheck,bench]")
     session.run("mypy")
 
 

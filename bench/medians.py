@@ -30,7 +30,7 @@ def _get(*path: str) -> Getter:
 
 def _ops_rps(result: dict[str, Any]) -> float:
     eps = result.get("endpoints", {})
-    return sum(eps.get(k, {}).get("throughput_rps", 0.0) for k in ("send", "bundle", "fetch"))
+    return float(sum(eps.get(k, {}).get("throughput_rps", 0.0) for k in ("send", "bundle", "fetch")))
 
 
 def _cost_ratio(result: dict[str, Any]) -> float | None:

@@ -13,7 +13,8 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import trio
 
@@ -127,7 +128,8 @@ async def _drive(
         nursery.start_soon(lag.run)
         nursery.start_soon(monitor)
         if opts.progress:
-            nursery.start_soon(progress.show, start, budget.deadline, lambda: (rec.count(), rec.errors()), target)
+            counts = lambda: (rec.count(), rec.errors())  # noqa: E731
+            nursery.start_soon(partial(progress.show, label=target), start, budget.deadline, counts)
         for j in range(len(work.poll_queues)):
             nursery.start_soon(work.poller, j, nursery)
         driver = load.open_loop if opts.open_loop else load.closed_loop
@@ -145,7 +147,7 @@ def _result(
     endpoints = stats.summarise_all(rec)
     window = rec.end - rec.start
     shortfall = bool(opts.open_loop and rec.dropped)
-    total_ops = sum(int(s["requests"]) for k, s in endpoints.items() if k != "authenticated")
+    total_ops = sum(cast(int, s["requests"]) for k, s in endpoints.items() if k != "authenticated")
     server_cpu = usage["server_cpu_s"]
     starved = sum(q.starved for q in (*work.queues.values(), *work.poll_queues))
     return {

@@ -22,10 +22,10 @@ import attrs
 import trio
 
 from bench import stats
-from bench.h2client import TransportError
+from bench.h2client import MaybeProcessed, TransportError
 from bench.options import Options
 from bench.signer import RequestQueue, Signed, SignerPool, Spec
-from bench.transport import MaybeProcessed, Transport
+from bench.transport import Transport
 from pqmsg.client.session import encode_body
 from pqmsg.protocol.b64 import b64encode
 

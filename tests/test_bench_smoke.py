@@ -33,7 +33,7 @@ async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) ->
     argv = [
         sys.executable, "-m", "bench", "--spawn", "--scenario", "mixed", "--duration", "2",
         "--warmup", "0.5", "--accounts", "3", "--concurrency", "2", "--connections", "1",
-        "--signers", "1", "--poll-wait", "1", "--baseline", "--no-progress",
+        "--signers", "1", "--poll-wait", "1", "--baseline",
         "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
     ]
     with trio.fail_after(180):
@@ -41,6 +41,9 @@ async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr.decode()[-4000:]
     stdout = done.stdout.decode()
     assert "ratio: " in stdout
+    # The progress bar (on unless --no-progress) is drawn on stderr, for both targets.
+    stderr = done.stderr.decode()
+    assert "pqmsg [" in stderr and "baseline [" in stderr and " ops " in stderr
 
     result = json.loads(out.read_text())
     endpoints = result["endpoints"]
