@@ -42,6 +42,11 @@ for group in "$@"; do
     open80-sqlite) run open80-sqlite --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE80" ;;
     open-sqlite) run "open${RATE}-sqlite" --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE" ;;
     open40-sqlite) run open40-sqlite --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE40" ;;
+    open40-stream-sqlite) run open40-stream-sqlite --scenario mixed --receive stream --duration 15 --concurrency 256 \
+               --accounts 40 --rate "$RATE40" ;;
+    open80-stream-sqlite) run open80-stream-sqlite --scenario mixed --receive stream --duration 15 --concurrency 256 \
+               --accounts 40 --rate "$RATE80" ;;
+    peak-stream-sqlite) run peak-stream-sqlite --scenario mixed --receive stream --duration 15 --concurrency 32 --accounts 40 ;;
     peak-pg) run peak-pg --scenario mixed --duration 15 --concurrency 32 --accounts 40 \
                --database-url $PG --redis-url $REDIS ;;
     open80-pg) run open80-pg --scenario mixed --duration 15 --concurrency 256 --accounts 40 --rate "$RATE80" \

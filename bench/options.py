@@ -19,8 +19,10 @@ SCENARIO_MIX: dict[str, dict[str, int]] = {
     "receive": {"send": 0, "bundle": 0, "fetch": 1},
     "backlog": {"send": 1, "bundle": 0, "fetch": 1},
 }
-# Scenarios whose recipients long-poll for their messages (and ack them).
-POLLING_SCENARIOS = frozenset({"mixed"})
+# Scenarios whose recipients receive their messages as they come (and ack them):
+# by long poll (``--receive poll``) or on a WebSocket stream (``--receive stream``).
+RECEIVING_SCENARIOS = frozenset({"mixed"})
+RECEIVE_MODES = ("poll", "stream")
 
 
 @attrs.frozen
@@ -36,6 +38,7 @@ class Options:
     rate: float | None
     message_bytes: int
     poll_wait_s: int
+    receive: str
     fetch_limit: int
     queue_depth: int
     prefill: int
@@ -63,7 +66,11 @@ class Options:
 
     @property
     def polling(self) -> bool:
-        return self.scenario in POLLING_SCENARIOS
+        return self.scenario in RECEIVING_SCENARIOS and self.receive == "poll"
+
+    @property
+    def streaming(self) -> bool:
+        return self.scenario in RECEIVING_SCENARIOS and self.receive == "stream"
 
     @property
     def open_loop(self) -> bool:
@@ -102,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--connections", type=int, default=2, help="HTTP connections for the workers")
     load.add_argument("--rate", type=float, help="open loop: operations per second (fixed arrival rate)")
     load.add_argument("--message-size", type=int, default=256, dest="message_bytes", help="ciphertext bytes")
+    load.add_argument(
+        "--receive", choices=RECEIVE_MODES, default="poll",
+        help="mixed scenario: recipients long-poll (default) or hold a WebSocket stream (RFC 8441 over h2)",
+    )
     load.add_argument("--poll-wait", type=int, default=5, dest="poll_wait_s", help="long-poll wait seconds")
     load.add_argument("--fetch-limit", type=int, default=100, help="messages per fetch")
     load.add_argument("--queue-depth", type=int, default=0, help="messages queued per account before the run")
@@ -136,6 +147,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         parser.error("--accounts must be at least 2 (every account sends to the next)")
     if ns.prefill and not (ns.spawn or ns.database_url):
         parser.error("--prefill needs --spawn or --database-url (where to write)")
+    if ns.receive == "stream" and ns.scenario not in RECEIVING_SCENARIOS:
+        parser.error("--receive stream applies to the mixed scenario (its recipients receive as messages come)")
     if ns.concurrency < 1 or ns.connections < 1 or ns.signers < 1:
         parser.error("--concurrency, --connections and --signers must be positive")
     plot = ns.plot_path

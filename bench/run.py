@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import trio
 
-from bench import cpu, hpack_raw, load, progress, stats
+from bench import cpu, hpack_raw, load, progress, stats, streams
 from bench.options import Options
 from bench.population import credentials, register_accounts
 from bench.scenario import Peer, Workload
@@ -97,6 +97,8 @@ async def run(
         n_poll = math.ceil(len(peers) / POLLS_PER_CONNECTION) if opts.polling else 0
         poll_clients = [await stack.enter_async_context(open_transport(opts, url)) for _ in range(n_poll)]
         work = Workload(opts, peers, pool, rec, clients, poll_clients)
+        if opts.streaming:
+            work.receivers = streams.receivers(opts, url, pool, rec, work.delivery, len(peers))
         if opts.queue_depth:
             await queue_messages(work, clients[0], opts.queue_depth)
         await presign(work, opts)
@@ -108,9 +110,6 @@ async def _drive(
     opts: Options, work: Workload, rec: stats.Recorder, server_pids: Sequence[int], target: str,
 ) -> dict[str, Any]:
     lag = cpu.LoopLag()
-    start = trio.current_time()
-    budget = load.Budget(opts, start)
-    rec.start = budget.measure_from
     marks: dict[str, Any] = {}
     loop_done = trio.Event()
     measured = trio.Event()
@@ -125,6 +124,12 @@ async def _drive(
         measured.set()
 
     async with trio.open_nursery() as nursery:
+        # Streams open before the clock starts (their handshakes are set-up).
+        for receiver in work.receivers:
+            await nursery.start(receiver.run)
+        start = trio.current_time()
+        budget = load.Budget(opts, start)
+        rec.start = budget.measure_from
         nursery.start_soon(lag.run)
         nursery.start_soon(monitor)
         if opts.progress:
@@ -147,7 +152,9 @@ def _result(
     endpoints = stats.summarise_all(rec)
     window = rec.end - rec.start
     shortfall = bool(opts.open_loop and rec.dropped)
-    total_ops = sum(cast(int, s["requests"]) for k, s in endpoints.items() if k != "authenticated")
+    total_ops = sum(
+        cast(int, s["requests"]) for k, s in endpoints.items() if k not in ("authenticated", stats.STREAM_CLOSED)
+    )
     server_cpu = usage["server_cpu_s"]
     starved = sum(q.starved for q in (*work.queues.values(), *work.poll_queues))
     return {
@@ -174,6 +181,8 @@ def _result(
         "client": "httpx" if opts.http1 or opts.client == "httpx" else "h2 (bench)",
         "hpack_huffman": opts.huffman,
         "goaway_retries": work.goaway_retries,
+        "receive": "stream" if opts.streaming else "poll" if opts.polling else None,
+        "streams_reopened": sum(r.reopened for r in work.receivers) if opts.streaming else None,
         "warnings": cpu.warnings(usage, open_loop_shortfall=shortfall)
         + ([f"{starved} requests waited for a signature"] if starved else []),
         "timeline": stats.timeline(rec),

@@ -16,7 +16,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -26,6 +26,9 @@ from bench.h2client import MaybeProcessed, TransportError
 from bench.options import Options
 from bench.signer import RequestQueue, Signed, SignerPool, Spec
 from bench.transport import Transport
+
+if TYPE_CHECKING:
+    from bench.streams import StreamReceiver
 from pqmsg.client.session import encode_body
 from pqmsg.protocol.b64 import b64encode
 
@@ -85,6 +88,7 @@ class Workload:
         self.clients = clients
         self.poll_clients = poll_clients
         self.delivery = Delivery()
+        self.receivers: Sequence[StreamReceiver] = []  # with --receive stream (set by the runner)
         self.goaway_retries = 0
         self._padding = os.urandom(max(0, opts.message_bytes - TAG_BYTES))
         self._tags = itertools.count(1)

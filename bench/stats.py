@@ -20,9 +20,11 @@ POLL = "poll"  # long-poll fetch: its latency includes the wait, so it is no ser
 FETCH = "fetch"
 ACK = "ack"
 BUNDLE = "bundle"
+STREAM_ACK = "stream_ack"  # an ack frame on a stream, until the server's "acked"
+STREAM_CLOSED = "stream_closed"  # a stream the server closed (status: the close code)
 E2E = "e2e_delivery"
 # Everything authenticated whose latency is service time (long polls are not).
-SERVICE_ENDPOINTS = (SEND, FETCH, ACK, BUNDLE)
+SERVICE_ENDPOINTS = (SEND, FETCH, ACK, BUNDLE, STREAM_ACK)
 TRANSPORT_ERROR = 0
 BIN_S = 1.0
 

@@ -59,3 +59,38 @@ async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) ->
     baseline = result["baseline"]
     check_endpoint("baseline send", baseline["endpoints"]["send"])
     assert isinstance(result["ratio"], float) and result["ratio"] > 0
+
+
+async def test_mixed_run_receiving_by_stream(tmp_path: Path) -> None:
+    """``--receive stream``: every recipient holds an RFC 8441 stream and acks on it."""
+    out = tmp_path / "result.json"
+    argv = [
+        sys.executable, "-m", "bench", "--spawn", "--scenario", "mixed", "--receive", "stream",
+        "--duration", "2", "--warmup", "0.5", "--accounts", "3", "--concurrency", "2",
+        "--connections", "1", "--signers", "1", "--no-progress",
+        "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
+    ]
+    with trio.fail_after(180):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+
+    result = json.loads(out.read_text())
+    endpoints = result["endpoints"]
+    assert {"send", "bundle", "stream_ack", "authenticated"} <= set(endpoints)
+    assert "poll" not in endpoints and "ack" not in endpoints and "stream_closed" not in endpoints
+    for name, summary in endpoints.items():
+        check_endpoint(name, summary)
+    assert result["receive"] == "stream" and result["streams_reopened"] == 0
+    # Every delivered message was matched to its send and acked on the stream.
+    assert result["e2e_delivery"]["count"] > 0
+    assert endpoints["stream_ack"]["ok"] > 0
+
+
+def test_receive_stream_is_refused_where_nobody_receives(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.options import parse
+
+    assert parse(["--url", "http://x", "--receive", "stream"]).streaming
+    assert parse(["--url", "http://x"]).polling
+    with pytest.raises(SystemExit):
+        parse(["--url", "http://x", "--scenario", "send", "--receive", "stream"])
+    assert "--receive stream applies to the mixed scenario" in capsys.readouterr().err
