@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -28,24 +29,26 @@ def check_endpoint(name: str, summary: dict[str, object]) -> None:
     assert isinstance(latency, dict) and set(latency) == LATENCY_KEYS, name
 
 
-async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) -> None:
+async def run_bench(tmp_path: Path, *args: str) -> tuple[str, str, dict[str, Any]]:
+    """A tiny spawned mixed run with ``args`` added: its stdout, stderr and JSON result."""
     out = tmp_path / "result.json"
     argv = [
         sys.executable, "-m", "bench", "--spawn", "--scenario", "mixed", "--duration", "2",
         "--warmup", "0.5", "--accounts", "3", "--concurrency", "2", "--connections", "1",
-        "--signers", "1", "--poll-wait", "1", "--baseline",
-        "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
+        "--signers", "1", *args, "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
     ]
     with trio.fail_after(180):
         done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     assert done.returncode == 0, done.stderr.decode()[-4000:]
-    stdout = done.stdout.decode()
+    return done.stdout.decode(), done.stderr.decode(), json.loads(out.read_text())
+
+
+async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) -> None:
+    stdout, stderr, result = await run_bench(tmp_path, "--poll-wait", "1", "--baseline")
     assert "ratio: " in stdout
     # The progress bar (on unless --no-progress) is drawn on stderr, for both targets.
-    stderr = done.stderr.decode()
     assert "pqmsg [" in stderr and "baseline [" in stderr and " ops " in stderr
 
-    result = json.loads(out.read_text())
     endpoints = result["endpoints"]
     assert {"send", "bundle", "poll", "ack", "authenticated"} <= set(endpoints)
     for name, summary in endpoints.items():
@@ -63,18 +66,7 @@ async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) ->
 
 async def test_mixed_run_receiving_by_stream(tmp_path: Path) -> None:
     """``--receive stream``: every recipient holds an RFC 8441 stream and acks on it."""
-    out = tmp_path / "result.json"
-    argv = [
-        sys.executable, "-m", "bench", "--spawn", "--scenario", "mixed", "--receive", "stream",
-        "--duration", "2", "--warmup", "0.5", "--accounts", "3", "--concurrency", "2",
-        "--connections", "1", "--signers", "1", "--no-progress",
-        "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
-    ]
-    with trio.fail_after(180):
-        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
-    assert done.returncode == 0, done.stderr.decode()[-4000:]
-
-    result = json.loads(out.read_text())
+    _, _, result = await run_bench(tmp_path, "--receive", "stream", "--no-progress")
     endpoints = result["endpoints"]
     assert {"send", "bundle", "stream_ack", "authenticated"} <= set(endpoints)
     assert "poll" not in endpoints and "ack" not in endpoints and "stream_closed" not in endpoints
