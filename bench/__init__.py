@@ -7,6 +7,7 @@ Modules, one job each:
 - :mod:`bench.signer`: pre-signed requests from a pool of signer processes;
 - :mod:`bench.load`: closed-loop and open-loop (fixed arrival rate) drivers;
 - :mod:`bench.scenario`: what one operation of each scenario does;
+- :mod:`bench.streams`: recipients on WebSocket streams (``--receive stream``);
 - :mod:`bench.stats`: latency samples, percentiles and the timeline;
 - :mod:`bench.cpu`: the harness's and the server's CPU, loop lag, warnings;
 - :mod:`bench.report`: the table, the JSON and the PNG plot;
