@@ -136,7 +136,10 @@ async def _drive(
         nursery.start_soon(lag.run)
         nursery.start_soon(monitor)
         if opts.progress:
-            counts = lambda: (rec.count(), rec.errors())  # noqa: E731
+
+            def counts() -> tuple[int, int]:
+                return rec.count(), rec.errors()
+
             nursery.start_soon(partial(progress.show, label=target), start, budget.deadline, counts)
         for j in range(len(work.poll_queues)):
             nursery.start_soon(work.poller, j, nursery)
