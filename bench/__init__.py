@@ -15,6 +15,7 @@ Modules, one job each:
 - :mod:`bench.baseline_app`: the bare Quart-Trio floor (``python -m bench.baseline_app``);
 - :mod:`bench.prefill`: queue many messages straight into SQLite or PostgreSQL;
 - :mod:`bench.idle_polls`: server memory while it holds thousands of idle long polls;
+- :mod:`bench.idle_streams`: the same with idle WebSocket streams;
 - :mod:`bench.h2client`, :mod:`bench.transport`, :mod:`bench.hpack_raw`: how requests
   go out (a lean HTTP/2 client, or httpx; header values as raw literals);
 - :mod:`bench.quiet`, :mod:`bench.medians`, :mod:`bench.profile_summary`: campaign

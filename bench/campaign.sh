@@ -62,6 +62,8 @@ for group in "$@"; do
     harness-lean) run harness-lean --scenario send --duration 15 --concurrency 32 --connections 2 --baseline ;;
     polls1k) run polls1k --idle-polls 1000 --accounts 50 ;;
     polls10k) run polls10k --idle-polls 10000 --accounts 100 ;;
+    streams1k) run streams1k --idle-streams 1000 ;;
+    streams10k) run streams10k --idle-streams 10000 ;;
     *) echo "unknown group $group" >&2; exit 2 ;;
   esac
 done

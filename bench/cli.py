@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from bench import idle_polls, prefill, report, run, spawn
+from bench import idle_polls, idle_streams, prefill, report, run, spawn
 from bench.options import Options, parse
 from bench.signer import Credentials
 
@@ -53,6 +53,8 @@ async def _main(opts: Options) -> dict[str, Any]:
             sqlite_path = server.data_dir / "pqmsg.sqlite3"
         if opts.idle_polls:
             result = await idle_polls.run(opts, url, pids)
+        elif opts.idle_streams:
+            result = await idle_streams.run(opts, url, pids)
         else:
             before = None
             if opts.prefill:

@@ -37,7 +37,6 @@ OPEN_DEADLINE_S = 75.0
 WATCH_S = 10.0
 RETRY_AFTER_S = 1.0
 CLOSE_GRACE_S = 10.0
-_GAUGE = re.compile(rb"^pqmsg_long_polls_waiting (\S+)$", re.MULTILINE)
 _LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.MULTILINE | re.IGNORECASE)
 
 
@@ -62,9 +61,41 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
-async def parked(http: httpx.AsyncClient) -> int:
-    found = _GAUGE.search((await http.get("/metrics")).content)
+async def gauge(http: httpx.AsyncClient, name: str) -> int:
+    """The server's gauge ``name`` from ``/metrics`` (-1 when it is missing)."""
+    found = re.search(rb"^" + re.escape(name.encode()) + rb" (\S+)$", (await http.get("/metrics")).content, re.MULTILINE)
     return int(float(found.group(1))) if found else -1
+
+
+async def parked(http: httpx.AsyncClient) -> int:
+    return await gauge(http, "pqmsg_long_polls_waiting")
+
+
+def memory_figures(
+    before: int, after: int, held: int, *, open_s: float, sign_s: float, per: str
+) -> dict[str, float | None]:
+    """The result fields both idle modes share: timings and RSS, before, after and per connection held."""
+    return {
+        "open_s": round(open_s, 2),
+        "presign_s": round(sign_s, 2),
+        "rss_before_mib": round(before / 2**20, 1),
+        "rss_after_mib": round(after / 2**20, 1),
+        f"rss_per_{per}_kib": round((after - before) / 1024 / held, 1) if held > 0 else None,
+    }
+
+
+async def watch_peak(http: httpx.AsyncClient, name: str, target: int, pids: Sequence[int]) -> tuple[int, int]:
+    """For up to WATCH_S: the highest value of gauge ``name`` seen, and the server's RSS then."""
+    peak = (0, 0)
+    with trio.move_on_after(WATCH_S):
+        while True:
+            value = await gauge(http, name)
+            if value > peak[0]:
+                peak = (value, rss_bytes(pids))
+            if value >= target:
+                break
+            await trio.sleep(1.0)
+    return peak
 
 
 async def hold(stream: trio.SocketStream, requests: list[bytes], counters: Counters) -> None:
@@ -127,7 +158,6 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
     per_poll = [raws[i :: opts.idle_polls] for i in range(opts.idle_polls)]
     streams: list[trio.SocketStream] = []
     counters = Counters()
-    peak = (0, 0)  # (parked, rss) at the highest parked count seen
     async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as holders:
         await trio.sleep(SETTLE_S)
         before = rss_bytes(pids)
@@ -143,20 +173,12 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
                 while len(streams) - await parked(http) > MAX_BACKLOG:  # noqa: ASYNC110
                     await trio.sleep(BATCH_PAUSE_S)
         open_s = trio.current_time() - opened_at
-        with trio.move_on_after(WATCH_S):
-            while True:
-                waiting = await parked(http)
-                if waiting > peak[0]:
-                    peak = (waiting, rss_bytes(pids))
-                if waiting >= opts.idle_polls:
-                    break
-                await trio.sleep(1.0)
+        waiting, after = await watch_peak(http, "pqmsg_long_polls_waiting", opts.idle_polls, pids)
         holders.cancel_scope.cancel()
     with trio.move_on_after(CLOSE_GRACE_S, shield=True):
         for stream in streams:
             await stream.aclose()
-    waiting, after = peak
-    result = {
+    result: dict[str, Any] = {
         "mode": "idle_polls",
         "target": "pqmsg",
         "polls_requested": opts.idle_polls,
@@ -165,11 +187,7 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
         "broken_connections": counters.broken,
         "answer_statuses": {str(k): v for k, v in sorted(counters.statuses.items())},
         "polls_parked": waiting,
-        "open_s": round(open_s, 2),
-        "presign_s": round(sign_s, 2),
-        "rss_before_mib": round(before / 2**20, 1),
-        "rss_after_mib": round(after / 2**20, 1),
-        "rss_per_poll_kib": round((after - before) / 1024 / waiting, 1) if waiting > 0 else None,
+        **memory_figures(before, after, waiting, open_s=open_s, sign_s=sign_s, per="poll"),
         "endpoints": {},
     }
     print(

@@ -43,6 +43,7 @@ class Options:
     queue_depth: int
     prefill: int
     idle_polls: int
+    idle_streams: int
     baseline: bool
     floor_hypercorn: str
     workers: int
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     modes.add_argument("--prefill", type=int, default=0, help="queue this many messages in the database first")
     modes.add_argument("--idle-polls", type=int, default=0, help="measure server memory with N idle long polls")
+    modes.add_argument(
+        "--idle-streams", type=int, default=0,
+        help="measure server memory with N idle WebSocket streams (N accounts, one stream each)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, dest="json_path", help="write the results as JSON here")
@@ -149,6 +154,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         parser.error("--prefill needs --spawn or --database-url (where to write)")
     if ns.receive == "stream" and ns.scenario not in RECEIVING_SCENARIOS:
         parser.error("--receive stream applies to the mixed scenario (its recipients receive as messages come)")
+    if ns.idle_polls and ns.idle_streams:
+        parser.error("give --idle-polls or --idle-streams, not both")
     if ns.concurrency < 1 or ns.connections < 1 or ns.signers < 1:
         parser.error("--concurrency, --connections and --signers must be positive")
     plot = ns.plot_path

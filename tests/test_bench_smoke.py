@@ -29,13 +29,19 @@ def check_endpoint(name: str, summary: dict[str, object]) -> None:
     assert isinstance(latency, dict) and set(latency) == LATENCY_KEYS, name
 
 
+# A tiny mixed run.
+MIXED = (
+    "--scenario", "mixed", "--duration", "2", "--warmup", "0.5", "--accounts", "3",
+    "--concurrency", "2", "--connections", "1",
+)
+
+
 async def run_bench(tmp_path: Path, *args: str) -> tuple[str, str, dict[str, Any]]:
-    """A tiny spawned mixed run with ``args`` added: its stdout, stderr and JSON result."""
+    """``python -m bench --spawn`` with ``args``: its stdout, stderr and JSON result."""
     out = tmp_path / "result.json"
     argv = [
-        sys.executable, "-m", "bench", "--spawn", "--scenario", "mixed", "--duration", "2",
-        "--warmup", "0.5", "--accounts", "3", "--concurrency", "2", "--connections", "1",
-        "--signers", "1", *args, "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
+        sys.executable, "-m", "bench", "--spawn", "--signers", "1", *args,
+        "--json", str(out), "--out-dir", str(tmp_path / "bench-out"),
     ]
     with trio.fail_after(180):
         done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
@@ -44,7 +50,7 @@ async def run_bench(tmp_path: Path, *args: str) -> tuple[str, str, dict[str, Any
 
 
 async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) -> None:
-    stdout, stderr, result = await run_bench(tmp_path, "--poll-wait", "1", "--baseline")
+    stdout, stderr, result = await run_bench(tmp_path, *MIXED, "--poll-wait", "1", "--baseline")
     assert "ratio: " in stdout
     # The progress bar (on unless --no-progress) is drawn on stderr, for both targets.
     assert "pqmsg [" in stderr and "baseline [" in stderr and " ops " in stderr
@@ -66,7 +72,7 @@ async def test_mixed_run_with_baseline_reports_every_endpoint(tmp_path: Path) ->
 
 async def test_mixed_run_receiving_by_stream(tmp_path: Path) -> None:
     """``--receive stream``: every recipient holds an RFC 8441 stream and acks on it."""
-    _, _, result = await run_bench(tmp_path, "--receive", "stream", "--no-progress")
+    _, _, result = await run_bench(tmp_path, *MIXED, "--receive", "stream", "--no-progress")
     endpoints = result["endpoints"]
     assert {"send", "bundle", "stream_ack", "authenticated"} <= set(endpoints)
     assert "poll" not in endpoints and "ack" not in endpoints and "stream_closed" not in endpoints
@@ -86,3 +92,12 @@ def test_receive_stream_is_refused_where_nobody_receives(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         parse(["--url", "http://x", "--scenario", "send", "--receive", "stream"])
     assert "--receive stream applies to the mixed scenario" in capsys.readouterr().err
+
+
+async def test_idle_streams_mode_reports_the_servers_memory_per_stream(tmp_path: Path) -> None:
+    stdout, _, result = await run_bench(tmp_path, "--idle-streams", "5", "--no-progress")
+    assert "idle streams: 5 open of 5" in stdout
+    assert result["mode"] == "idle_streams"
+    assert result["streams_opened"] == 5 and result["streams_failed"] == 0 and result["streams_open"] == 5
+    # Five streams are too few to read in RSS (it may even shrink); only that it was read.
+    assert result["rss_before_mib"] > 0 and result["rss_after_mib"] > 0
