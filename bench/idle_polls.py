@@ -15,7 +15,7 @@ seen. Run it against a single-worker server: each worker has its own gauge.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,24 +67,61 @@ async def gauge(http: httpx.AsyncClient, name: str) -> int:
     return int(float(found.group(1))) if found else -1
 
 
-async def parked(http: httpx.AsyncClient) -> int:
-    return await gauge(http, "pqmsg_long_polls_waiting")
+@attrs.frozen
+class Held:
+    """What holding many idle connections cost the server."""
+
+    held: int  # the highest value of the server's gauge seen
+    rss_before: int
+    rss_after: int  # at that highest value
+    open_s: float
 
 
-def memory_figures(
-    before: int, after: int, held: int, *, open_s: float, sign_s: float, per: str
-) -> dict[str, float | None]:
+async def hold_many(
+    url: str, pids: Sequence[int], gauge_name: str, count: int,
+    start_one: Callable[[int, trio.Nursery], Awaitable[None]], lost: Callable[[], int],
+) -> Held:
+    """Open ``count`` idle connections in paced batches and read the server's RSS.
+
+    ``start_one(i, holders)`` opens the i-th and leaves a task holding it in
+    ``holders``; ``lost()`` counts those that failed. RSS is read once before
+    opening and again at the highest value of the server's gauge ``gauge_name``
+    seen; the holders are cancelled at the end.
+    """
+    async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as holders:
+        await trio.sleep(SETTLE_S)
+        before = rss_bytes(pids)
+        opened_at = trio.current_time()
+        with trio.move_on_after(OPEN_DEADLINE_S):
+            for i in range(0, count, BATCH):
+                started = min(i + BATCH, count)
+                for j in range(i, started):
+                    await start_one(j, holders)
+                await trio.sleep(BATCH_PAUSE_S)
+                # The server's gauge is the only signal that a connection is held: poll it,
+                # and keep those still opening well under the server's in-flight limit.
+                while started - lost() - await gauge(http, gauge_name) > MAX_BACKLOG:  # noqa: ASYNC110
+                    await trio.sleep(BATCH_PAUSE_S)
+        open_s = trio.current_time() - opened_at
+        held, after = await _watch_peak(http, gauge_name, count, pids)
+        holders.cancel_scope.cancel()
+    return Held(held, before, after, open_s)
+
+
+def memory_figures(held: Held, *, sign_s: float, per: str) -> dict[str, float | None]:
     """The result fields both idle modes share: timings and RSS, before, after and per connection held."""
     return {
-        "open_s": round(open_s, 2),
+        "open_s": round(held.open_s, 2),
         "presign_s": round(sign_s, 2),
-        "rss_before_mib": round(before / 2**20, 1),
-        "rss_after_mib": round(after / 2**20, 1),
-        f"rss_per_{per}_kib": round((after - before) / 1024 / held, 1) if held > 0 else None,
+        "rss_before_mib": round(held.rss_before / 2**20, 1),
+        "rss_after_mib": round(held.rss_after / 2**20, 1),
+        f"rss_per_{per}_kib": (
+            round((held.rss_after - held.rss_before) / 1024 / held.held, 1) if held.held > 0 else None
+        ),
     }
 
 
-async def watch_peak(http: httpx.AsyncClient, name: str, target: int, pids: Sequence[int]) -> tuple[int, int]:
+async def _watch_peak(http: httpx.AsyncClient, name: str, target: int, pids: Sequence[int]) -> tuple[int, int]:
     """For up to WATCH_S: the highest value of gauge ``name`` seen, and the server's RSS then."""
     peak = (0, 0)
     with trio.move_on_after(WATCH_S):
@@ -158,23 +195,14 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
     per_poll = [raws[i :: opts.idle_polls] for i in range(opts.idle_polls)]
     streams: list[trio.SocketStream] = []
     counters = Counters()
-    async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as holders:
-        await trio.sleep(SETTLE_S)
-        before = rss_bytes(pids)
-        opened_at = trio.current_time()
-        with trio.move_on_after(OPEN_DEADLINE_S):
-            for i in range(0, opts.idle_polls, BATCH):
-                for requests in per_poll[i : i + BATCH]:
-                    stream = await trio.open_tcp_stream(host, port)
-                    streams.append(stream)
-                    holders.start_soon(hold, stream, requests, counters)
-                await trio.sleep(BATCH_PAUSE_S)
-                # The server's gauge is the only signal that polls are parked: poll it.
-                while len(streams) - await parked(http) > MAX_BACKLOG:  # noqa: ASYNC110
-                    await trio.sleep(BATCH_PAUSE_S)
-        open_s = trio.current_time() - opened_at
-        waiting, after = await watch_peak(http, "pqmsg_long_polls_waiting", opts.idle_polls, pids)
-        holders.cancel_scope.cancel()
+
+    async def start_one(i: int, holders: trio.Nursery) -> None:
+        stream = await trio.open_tcp_stream(host, port)
+        streams.append(stream)
+        holders.start_soon(hold, stream, per_poll[i], counters)
+
+    held = await hold_many(url, pids, "pqmsg_long_polls_waiting", opts.idle_polls, start_one, lambda: 0)
+    waiting = held.held
     with trio.move_on_after(CLOSE_GRACE_S, shield=True):
         for stream in streams:
             await stream.aclose()
@@ -187,7 +215,7 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
         "broken_connections": counters.broken,
         "answer_statuses": {str(k): v for k, v in sorted(counters.statuses.items())},
         "polls_parked": waiting,
-        **memory_figures(before, after, waiting, open_s=open_s, sign_s=sign_s, per="poll"),
+        **memory_figures(held, sign_s=sign_s, per="poll"),
         "endpoints": {},
     }
     print(

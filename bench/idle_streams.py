@@ -22,17 +22,7 @@ import attrs
 import httpx
 import trio
 
-from bench.idle_polls import (
-    BATCH,
-    BATCH_PAUSE_S,
-    MAX_BACKLOG,
-    OPEN_DEADLINE_S,
-    SETTLE_S,
-    gauge,
-    memory_figures,
-    rss_bytes,
-    watch_peak,
-)
+from bench.idle_polls import hold_many, memory_figures
 from bench.options import Options
 from bench.run import population
 from bench.signer import SignerPool, Spec
@@ -77,21 +67,12 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
         pool.close()
     target = httpx.URL(url)
     counters = Counters()
-    async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as holders:
-        await trio.sleep(SETTLE_S)
-        before = rss_bytes(pids)
-        opened_at = trio.current_time()
-        with trio.move_on_after(OPEN_DEADLINE_S):
-            for i in range(0, count, BATCH):
-                for s in signed[i : i + BATCH]:
-                    holders.start_soon(hold, target, dict(s.headers), counters)
-                await trio.sleep(BATCH_PAUSE_S)
-                # Handshakes still in flight: keep them well under the in-flight limit.
-                while min(i + BATCH, count) - counters.failed - await gauge(http, GAUGE) > MAX_BACKLOG:  # noqa: ASYNC110
-                    await trio.sleep(BATCH_PAUSE_S)
-        open_s = trio.current_time() - opened_at
-        streams_open, after = await watch_peak(http, GAUGE, count, pids)
-        holders.cancel_scope.cancel()
+
+    async def start_one(i: int, holders: trio.Nursery) -> None:
+        holders.start_soon(hold, target, dict(signed[i].headers), counters)
+
+    held = await hold_many(url, pids, GAUGE, count, start_one, lambda: counters.failed)
+    streams_open = held.held
     result: dict[str, Any] = {
         "mode": "idle_streams",
         "target": "pqmsg",
@@ -100,7 +81,7 @@ async def run(opts: Options, url: str, pids: Sequence[int]) -> dict[str, Any]:
         "streams_failed": counters.failed,
         "pings_answered": counters.pings,
         "streams_open": streams_open,
-        **memory_figures(before, after, streams_open, open_s=open_s, sign_s=sign_s, per="stream"),
+        **memory_figures(held, sign_s=sign_s, per="stream"),
         "endpoints": {},
     }
     print(

@@ -88,14 +88,11 @@ class StreamReceiver:
                     else:
                         self.reopened += 1
                     await self._receive(transport)
-            except StreamClosed as exc:
-                if not opened:
-                    raise RuntimeError(f"stream of bench device {self.creds} did not open: {exc}") from exc
-                self.rec.add(stats.STREAM_CLOSED, trio.current_time(), 0.0, exc.code)
             except OPEN_ERRORS as exc:
                 if not opened:
                     raise RuntimeError(f"stream of bench device {self.creds} did not open: {exc}") from exc
-                self.rec.add(stats.STREAM_CLOSED, trio.current_time(), 0.0, stats.TRANSPORT_ERROR)
+                code = exc.code if isinstance(exc, StreamClosed) else stats.TRANSPORT_ERROR
+                self.rec.add(stats.STREAM_CLOSED, trio.current_time(), 0.0, code)
             # Ids received on a closed stream were not acked there: they come again.
             self._pending.clear()
             self._ack_sent = None
