@@ -13,10 +13,10 @@ import httpx
 import pytest
 import trio
 
-from pqmsg.client import Client, ProblemResponse, sign_headers
+from pqmsg.client import ProblemResponse, sign_headers
 from pqmsg.protocol.b64 import b64encode
 from tests.support.postgres import create_throwaway_database, drop_throwaway_database
-from tests.support.process import server_process
+from tests.support.process import two_replicas
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -37,12 +37,7 @@ def shared_env() -> Iterator[dict[str, str]]:
 
 async def test_replicas_share_wake_ups_nonces_and_limits(tmp_path: Path, shared_env: dict[str, str]) -> None:
     with trio.fail_after(90):
-        async with (
-            server_process(tmp_path / "a", env=shared_env) as a,
-            server_process(tmp_path / "b", env=shared_env) as b,
-            Client(a.url) as on_a,
-            Client(b.url) as on_b,
-        ):
+        async with two_replicas(tmp_path, shared_env) as (a, b, on_a, on_b):
             alice = await on_a.register()
             bob = await on_a.register()
             bob_on_b = type(bob)(on_b, bob.account, bob.device, bob.device_key, bob.identity)
@@ -105,12 +100,7 @@ async def test_on_postgres_alone_wake_ups_cross_replicas_by_listen_notify(
 ) -> None:
     env = {"PQMSG_DATABASE_URL": shared_env["PQMSG_DATABASE_URL"]}
     with trio.fail_after(90):
-        async with (
-            server_process(tmp_path / "a", env=env) as a,
-            server_process(tmp_path / "b", env=env) as b,
-            Client(a.url) as on_a,
-            Client(b.url) as on_b,
-        ):
+        async with two_replicas(tmp_path, env) as (_a, _b, on_a, on_b):
             alice = await on_b.register()
             bob = await on_a.register()
             woke: list[float] = []
@@ -134,13 +124,7 @@ async def test_a_revocation_at_one_replica_refuses_the_next_request_at_the_other
     """A's remembered device keys (pqmsg.protocol.keycache) do not outlive a revocation at B."""
     env = shared_env | {"PQMSG_RATE_PROVISIONING": "100/100"}
     with trio.fail_after(90):
-        async with (
-            server_process(tmp_path / "a", env=env) as a,
-            server_process(tmp_path / "b", env=env) as b,
-            Client(a.url) as on_a,
-            Client(b.url) as on_b,
-            httpx.AsyncClient() as raw,
-        ):
+        async with two_replicas(tmp_path, env) as (a, _b, on_a, on_b), httpx.AsyncClient() as raw:
             alice = await on_a.register()
             bob = await on_a.register()
             devices = [await alice.link_new_device() for _ in range(7)]

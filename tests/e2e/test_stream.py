@@ -26,7 +26,7 @@ from pqmsg.client.ws_h2 import open_h2_transport
 from pqmsg.protocol.b64 import b64encode
 from pqmsg.settings import Settings
 from tests.support.postgres import create_throwaway_database, drop_throwaway_database
-from tests.support.process import server_process
+from tests.support.process import two_replicas
 from tests.support.server import RunningServer, make_settings, running_server
 
 #: Real seconds of idleness before the mock clock jumps: the server's SQLite
@@ -433,12 +433,7 @@ async def test_a_stream_on_one_replica_gets_sends_and_revocations_from_another(
     tmp_path: Path, replica_env: dict[str, str]
 ) -> None:
     with trio.fail_after(90):
-        async with (
-            server_process(tmp_path / "a", env=replica_env) as a,
-            server_process(tmp_path / "b", env=replica_env) as b,
-            Client(a.url) as on_a,
-            Client(b.url) as on_b,
-        ):
+        async with two_replicas(tmp_path, replica_env) as (_a, _b, on_a, on_b):
             alice = await on_b.register()
             primary = await on_b.register()
             laptop = await primary.link_new_device()

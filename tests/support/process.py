@@ -14,6 +14,8 @@ import attrs
 import httpx
 import trio
 
+from pqmsg.client import Client
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -66,3 +68,17 @@ async def server_process(
             process.kill()
         with trio.move_on_after(10, shield=True):
             await process.wait()
+
+
+@asynccontextmanager
+async def two_replicas(
+    tmp_path: Path, env: Mapping[str, str]
+) -> AsyncIterator[tuple[ServerProcess, ServerProcess, Client, Client]]:
+    """Two server processes on one ``env`` (its shared PostgreSQL and Redis): A, B and an SDK client on each."""
+    async with (
+        server_process(tmp_path / "a", env=env) as a,
+        server_process(tmp_path / "b", env=env) as b,
+        Client(a.url) as on_a,
+        Client(b.url) as on_b,
+    ):
+        yield a, b, on_a, on_b
