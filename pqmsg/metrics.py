@@ -64,6 +64,7 @@ class StatisticsCollector(Collector):
         yield from _limiter_families(stats.get("limiter"))
         yield from _push_families(stats.get("push"))
         yield from _audit_families(stats.get("audit"))
+        yield from _verifier_families(stats.get("verifier"))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -82,6 +83,23 @@ def _storage_families(stat: Any) -> Iterator[Any]:
         "pqmsg_signed_prekey_stale_devices",
         "Active devices whose signed prekey is older than the rotation limit.",
         stale,
+    )
+
+
+def _verifier_families(stat: Any) -> Iterator[Any]:
+    checks = CounterMetricFamily(
+        "pqmsg_signature_checks", "Request signature checks, by where they ran.", labels=["where"]
+    )
+    checks.add_metric(["helper"], stat.helper_checks_total if stat else 0)
+    checks.add_metric(["in_process"], stat.in_process_checks_total if stat else 0)
+    yield checks
+    yield _gauge(
+        "pqmsg_signature_helpers_running", "Signature-check helper processes up.", stat.running if stat else 0
+    )
+    yield CounterMetricFamily(
+        "pqmsg_signature_helper_failures",
+        "Signature-check helpers replaced after failing (their checks ran in process).",
+        value=stat.helper_failures_total if stat else 0,
     )
 
 

@@ -3,14 +3,15 @@
 ::
 
     serve(settings)
-    └── trio-asyncio loop            (only with PostgreSQL or Redis)
-        └── redis client             (only with PQMSG_REDIS_URL)
-            └── storage              database pool / SQLite thread, cleanup loops
-                └── audit writer     bounded queue -> append-only JSONL
-                    └── rate limiter + replay cache (+ admission: both in one step)
-                        └── notifier (wake-ups, cross-replica bus)
-                            └── push dispatcher (breakers, bounded queue)
-                                └── Hypercorn (HTTP/1.1, h2c, h2 over TLS)
+    └── signature verifier           checks in helper processes (auto: one when a CPU is spare)
+        └── trio-asyncio loop        (only with PostgreSQL or Redis)
+            └── redis client         (only with PQMSG_REDIS_URL)
+                └── storage          database pool / SQLite thread, cleanup loops
+                    └── audit writer bounded queue -> append-only JSONL
+                        └── rate limiter + replay cache (+ admission: both in one step)
+                            └── notifier (wake-ups, cross-replica bus)
+                                └── push dispatcher (breakers, bounded queue)
+                                    └── Hypercorn (HTTP/1.1, h2c, h2 over TLS)
 
 Services are opened as async context managers before Hypercorn starts and
 closed after its graceful drain, so every request that was admitted finishes
@@ -51,6 +52,7 @@ from pqmsg.nurseries.notify import Bus, open_notifier
 from pqmsg.nurseries.push import open_push_dispatcher
 from pqmsg.nurseries.replay import open_replay_cache
 from pqmsg.nurseries.storage import open_storage
+from pqmsg.nurseries.verifier import helper_count, open_signature_verifier
 from pqmsg.services import Services
 from pqmsg.settings import Settings
 
@@ -99,9 +101,12 @@ def hypercorn_config(settings: Settings) -> Config:
 async def open_services(settings: Settings, *, clock: WallClock = system_clock) -> AsyncIterator[Services]:
     """Open every supervised service, in dependency order."""
     async with AsyncExitStack() as stack:
+        # First in, last out: requests still draining keep their checks.
+        verifier = await stack.enter_async_context(
+            open_signature_verifier(helper_count(settings.auth.verify_processes, settings.http.workers))
+        )
         redis = None
         if settings.uses_postgres or settings.limits.redis_url:
-
             await stack.enter_async_context(open_aio_loop())
         if settings.limits.redis_url:
             from pqmsg.redisconn import open_redis
@@ -152,6 +157,7 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
             in_flight=in_flight,
             metrics=metrics,
             loop=loop,
+            verifier=verifier,
         )
         metrics.bind(lambda: scrape_view(services))
         yield services

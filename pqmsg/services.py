@@ -64,6 +64,11 @@ class Audit(HasStatistics, Protocol):
     ) -> None: ...
 
 
+class Verifier(HasStatistics, Protocol):
+    async def verifies(self, key: bytes, message: bytes, signature: bytes) -> bool:
+        """Whether the ML-DSA-65 signature of ``message`` verifies under ``key``."""
+
+
 class Waker(HasStatistics, Protocol):
     def wake(self, account: str, device: int) -> None:
         """Queue a push wake-up; never blocks, never fails the caller."""
@@ -106,6 +111,7 @@ class Services:
     in_flight: InFlight
     metrics: Metrics
     loop: StepTimer
+    verifier: Verifier
     device_keys: DeviceKeyCache = attrs.field(
         default=attrs.Factory(
             lambda self: DeviceKeyCache(self.settings.auth.device_key_cache), takes_self=True
@@ -121,4 +127,5 @@ class Services:
             "audit": self.audit.statistics(),
             "push": self.push.statistics(),
             "notifier": self.notifier.statistics(),
+            "verifier": self.verifier.statistics(),
         }

@@ -70,6 +70,9 @@ class AuthSettings:
     last_seen_resolution_s: int = 60
     #: Active devices whose keys a replica remembers for sends (0: none).
     device_key_cache: int = 10_000
+    #: Signature-check helper processes per worker (None: auto, one when a
+    #: CPU is spare; 0: checks on the event loop). See pqmsg.nurseries.verifier.
+    verify_processes: int | None = None
 
 
 @attrs.frozen
@@ -312,6 +315,15 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _auto_or_count(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None
+    value = int(raw)
+    if not 0 <= value <= 64:
+        raise ValueError(f"must be auto or 0 to 64, got {raw!r}")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
@@ -345,6 +357,9 @@ ENVIRONMENT: dict[str, tuple[str, _Parse, str]] = {
     "PQMSG_REPLAY_WINDOW_S": ("auth.replay_window_s", _positive_int, "how long a nonce is remembered"),
     "PQMSG_DEVICE_KEY_CACHE": (
         "auth.device_key_cache", _non_negative_int, "device keys remembered for sends (0: off)"
+    ),
+    "PQMSG_VERIFY_PROCESSES": (
+        "auth.verify_processes", _auto_or_count, "signature-check helper processes per worker (auto, 0: none)"
     ),
     "PQMSG_REDIS_URL": ("limits.redis_url", _optional_str, "redis://... for shared limits and nonces"),
     "PQMSG_REDIS_PREFIX": ("limits.key_prefix", str, "prefix of every Redis key"),

@@ -45,6 +45,7 @@ AUTH_HEADERS = (HEADER_ACCOUNT, HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, H
 
 DeviceLookup = Callable[[str, int], Awaitable[DeviceAuth | None]]
 NonceRecorder = Callable[[str, int, str], Awaitable[bool]]
+SignatureCheck = Callable[[bytes, bytes, bytes], Awaitable[bool]]
 
 
 @attrs.frozen
@@ -147,6 +148,8 @@ class Authenticator:
     clock: WallClock
     skew_window_s: int
     cache: DeviceKeyCache | None = None
+    #: Where signatures are checked (``pqmsg.nurseries.verifier``); None: here.
+    check_signature: SignatureCheck | None = None
 
     async def authenticate(self, parsed: ParsedAuth) -> Principal:
         """All six checks; the nonce is recorded."""
@@ -159,13 +162,18 @@ class Authenticator:
         """Checks 1-5 (``replay`` is the caller's, with the nonce returned)."""
         return await self._verify(parsed, self.cache)
 
+    async def _verifies(self, key: bytes, message: bytes, signature: bytes) -> bool:
+        if self.check_signature is None:
+            return crypto.verifies(key, message, signature)
+        return await self.check_signature(key, message, signature)
+
     async def _verify(self, parsed: ParsedAuth, cache: DeviceKeyCache | None) -> Unadmitted:
         req = parsed.request
         if abs(self.clock() - req.timestamp) > self.skew_window_s:
             raise AuthError("Pqmsg-Timestamp is outside the accepted clock skew", reason="skew")
         message = canonical_string(req)
         remembered = cache.get(req.account, req.device) if cache is not None else None
-        if remembered is not None and crypto.verifies(
+        if remembered is not None and await self._verifies(
             remembered.device_key, message, parsed.signature
         ):
             return Unadmitted(
@@ -178,7 +186,7 @@ class Authenticator:
         if found.revoked:
             raise device_reject("revoked")
         checked = remembered is not None and remembered.device_key == found.device_key
-        if checked or not crypto.verifies(found.device_key, message, parsed.signature):
+        if checked or not await self._verifies(found.device_key, message, parsed.signature):
             raise device_reject("signature")
         if cache is not None:
             cache.put(req.account, req.device, found.device_key, found.last_seen_at)

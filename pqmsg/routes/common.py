@@ -212,6 +212,7 @@ async def _checked(
         clock=svc.clock,
         skew_window_s=svc.settings.auth.skew_window_s,
         cache=cache,
+        check_signature=svc.verifier.verifies,
     )
     try:
         return await check(authenticator, parse_auth(method, path, query, headers, body))

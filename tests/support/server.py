@@ -15,9 +15,15 @@ from pqmsg.settings import Settings
 
 
 def make_settings(data_dir: Path, **sections: object) -> Settings:
-    """Embedded defaults on an ephemeral port, with generous rate limits."""
+    """Embedded defaults on an ephemeral port, with generous rate limits.
+
+    Signatures are checked in process: no helper processes per test server
+    (tests/nurseries/test_verifier.py and tests/e2e/test_verify_helpers.py
+    run them, and spawned servers keep the default).
+    """
     settings = Settings(data_dir=data_dir)
     settings = settings.replace("http.binds", ("127.0.0.1:0",))
+    settings = settings.replace("auth.verify_processes", 0)
     settings = settings.replace("audit.key", b"k" * 32)
     for path, value in sections.items():
         settings = settings.replace(path.replace("__", "."), value)
