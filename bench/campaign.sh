@@ -34,6 +34,10 @@ for group in "$@"; do
                --floor-hypercorn stock ;;
     send-pg-stock) run send-pg-stock --scenario send --duration 15 --concurrency 32 --connections 2 --baseline \
                --floor-hypercorn stock --database-url $PG --redis-url $REDIS ;;
+    send-sqlite-inline) PQMSG_VERIFY_PROCESSES=0 run send-sqlite-inline --scenario send --duration 15 --concurrency 32 \
+               --connections 2 --baseline ;;
+    send-pg-inline) PQMSG_VERIFY_PROCESSES=0 run send-pg-inline --scenario send --duration 15 --concurrency 32 \
+               --connections 2 --baseline --database-url $PG --redis-url $REDIS ;;
     send-pg-w2) run send-pg-w2 --scenario send --duration 15 --concurrency 32 --connections 4 --baseline \
                --workers 2 --database-url $PG --redis-url $REDIS ;;
     send-sqlite-w2) run send-sqlite-w2 --scenario send --duration 15 --concurrency 32 --connections 4 \

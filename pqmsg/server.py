@@ -3,7 +3,7 @@
 ::
 
     serve(settings)
-    └── signature verifier           checks in helper processes (auto: one when a CPU is spare)
+    └── signature verifier           checks in helper processes (auto: on PostgreSQL, one if a CPU is spare)
         └── trio-asyncio loop        (only with PostgreSQL or Redis)
             └── redis client         (only with PQMSG_REDIS_URL)
                 └── storage          database pool / SQLite thread, cleanup loops
@@ -103,7 +103,9 @@ async def open_services(settings: Settings, *, clock: WallClock = system_clock) 
     async with AsyncExitStack() as stack:
         # First in, last out: requests still draining keep their checks.
         verifier = await stack.enter_async_context(
-            open_signature_verifier(helper_count(settings.auth.verify_processes, settings.http.workers))
+            open_signature_verifier(
+                helper_count(settings.auth.verify_processes, settings.http.workers, postgres=settings.uses_postgres)
+            )
         )
         redis = None
         if settings.uses_postgres or settings.limits.redis_url:

@@ -22,10 +22,18 @@ checks run there, on another CPU; the loop only hands them over.
   reads end of input and exits; one that does not within
   :data:`STOP_GRACE_S` is killed.
 
-``auto`` (the default) means one helper when this process may run on more
-CPUs than the server has workers, and none otherwise: with one worker per
-CPU there is no spare CPU to hand the checks to, and handing them over
-would only add its own cost.
+``auto`` (the default) means one helper when the server stores in
+PostgreSQL and this process may run on more CPUs than the server has
+workers, and none otherwise:
+
+- with one worker per CPU there is no spare CPU to hand the checks to,
+  and handing them over would only add its own cost;
+- on the embedded SQLite database the checks stay on the loop: the send
+  scenario measured about 10 % fewer sends per second with a helper than
+  without (``bench/RESULTS.md``). The writer thread shares the interpreter
+  lock with the loop, and a check made on the loop releases the lock for
+  its 0.1-0.2 ms in C, which the writer can use; most likely the two
+  threads contend for the lock instead once the checks are gone.
 """
 
 from __future__ import annotations
@@ -58,10 +66,12 @@ STOP_GRACE_S = 2.0
 HELPER_ARGV = (sys.executable, "-m", "pqmsg.protocol.verify_worker")
 
 
-def helper_count(configured: int | None, workers: int) -> int:
-    """Helpers per worker: ``configured``, or for ``auto`` (None) one if a CPU is spare."""
+def helper_count(configured: int | None, workers: int, *, postgres: bool) -> int:
+    """Helpers per worker: ``configured``, or for ``auto`` (None) see the module docstring."""
     if configured is not None:
         return configured
+    if not postgres:
+        return 0
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -181,14 +181,15 @@ async def test_closing_answers_what_is_still_waiting() -> None:
     assert sorted(results) == [False, True]
 
 
-def test_auto_gives_one_helper_only_when_a_cpu_is_spare() -> None:
+def test_auto_gives_one_helper_only_on_postgresql_with_a_cpu_to_spare() -> None:
     import os
 
     cpus = len(os.sched_getaffinity(0))
-    assert helper_count(None, cpus) == 0
-    assert helper_count(None, cpus - 1) == (1 if cpus > 1 else 0)
-    assert helper_count(3, cpus) == 3
-    assert helper_count(0, 1) == 0
+    assert helper_count(None, cpus, postgres=True) == 0
+    assert helper_count(None, cpus - 1, postgres=True) == (1 if cpus > 1 else 0)
+    assert helper_count(None, 1, postgres=False) == 0
+    assert helper_count(3, cpus, postgres=False) == 3
+    assert helper_count(0, 1, postgres=True) == 0
 
 
 def test_the_helper_is_this_python() -> None:
