@@ -33,6 +33,7 @@ from hypercorn.config import Config, Sockets
 
 from pqmsg import (
     h2_headers,
+    h2_responses,
     hypercorn_drain,
     hypercorn_h2_errors,
     hypercorn_leaks,
@@ -73,6 +74,7 @@ def apply_hypercorn_fixes() -> None:
     hypercorn_h2_errors.apply()  # request input that ended serve() instead of one stream
     hypercorn_leaks.apply()  # reset or refused h2 streams that held their connection
     h2_headers.apply()  # h2's per-byte header check, 0.2 ms per signed request, at C speed
+    h2_responses.apply()  # response header blocks as raw literals (no pure-Python Huffman coding)
     werkzeug_headers.apply()  # Werkzeug's regex newline check of each header value, as memchr
 
 
