@@ -86,6 +86,10 @@ class Edge:
         self._app = app
         self._in_flight = in_flight
         self._metrics = metrics
+        # Each (method, route, status)'s two series, looked up once: labels()
+        # validates and locks on every call. Bounded, as methods are the
+        # client's to choose; past the bound, labels() as before.
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -121,8 +125,20 @@ class Edge:
         finally:
             self._in_flight.release(borrower)
             route = scope.get(ROUTE_KEY, UNMATCHED_ROUTE)
-            self._metrics.http_requests.labels(method, route, str(status)).inc()
-            self._metrics.http_duration.labels(method, route).observe(trio.current_time() - started)
+            series = self._series.get((method, route, status))
+            if series is None:
+                series = (
+                    self._metrics.http_requests.labels(method, route, str(status)),
+                    self._metrics.http_duration.labels(method, route),
+                )
+                if len(self._series) < MAX_CACHED_SERIES:
+                    self._series[method, route, status] = series
+            series[0].inc()
+            series[1].observe(trio.current_time() - started)
+
+
+#: The most (method, route, status) series the edge keeps looked up.
+MAX_CACHED_SERIES = 1024
 
 
 def _with_request_id(send: Send, request_id: str) -> Send:
