@@ -13,8 +13,10 @@ checks run there, on another CPU; the loop only hands them over.
 - **Never a guess.** A helper that exits, answers anything but ``0`` or
   ``1``, or takes longer than :data:`CHECK_TIMEOUT_S` is killed; the checks
   of its batch are made here, in this process, and it is started again
-  after :data:`RESTART_DELAY_S`. While no helper runs (N = 0, or all are
-  restarting) every check is made in this process, as before helpers.
+  after :data:`RESTART_DELAY_S` (longer, up to a minute, while its
+  replacements keep failing before they answer anything). While no helper
+  runs (N = 0, or all are restarting) every check is made in this
+  process, as before helpers.
 - **Cancellation.** A caller cancelled while queued is dropped; one whose
   batch was taken gets no answer (its check finishes and is discarded).
 - **Closing** (after Hypercorn's drain, so normally nothing is waiting):
@@ -59,8 +61,10 @@ log = logging.getLogger("pqmsg.verifier")
 MAX_BATCH = 128
 #: How long a helper may take over one batch before it is replaced.
 CHECK_TIMEOUT_S = 5.0
-#: How long a failed helper stays down before it is started again.
+#: How long a failed helper stays down before it is started again; doubled
+#: up to MAX_RESTART_DELAY_S while its replacements answer nothing.
 RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
 #: How long a helper may take to exit once its input is closed.
 STOP_GRACE_S = 2.0
 HELPER_ARGV = (sys.executable, "-m", "pqmsg.protocol.verify_worker")
@@ -183,17 +187,22 @@ class SignatureVerifier:
                 started = True
                 task_status.started()
 
+        delay = self._restart_delay_s
         try:
             while True:
+                answered = self._helper_checks
                 try:
                     await self._serve_helper(argv, up)
                 except OSError as exc:  # could not start it
                     self._failures += 1
-                    log.warning("signature helper did not start (%s); retrying in %.1f s", exc, self._restart_delay_s)
+                    log.warning("signature helper did not start (%s); retrying in %.1f s", exc, delay)
                 except HelperFailed as exc:
-                    log.warning("signature helper failed (%s); restarting in %.1f s", exc, self._restart_delay_s)
+                    log.warning("signature helper failed (%s); restarting in %.1f s", exc, delay)
                 up()  # a helper that could not start does not hold the server's start
-                await trio.sleep(self._restart_delay_s)
+                await trio.sleep(delay)
+                # One that never answered (it cannot run here, say) is retried
+                # less and less often; one that worked for a while, at once.
+                delay = self._restart_delay_s if self._helper_checks > answered else min(2 * delay, MAX_RESTART_DELAY_S)
         finally:
             self._tasks -= 1
 
