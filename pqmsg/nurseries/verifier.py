@@ -83,6 +83,13 @@ def helper_count(configured: int | None, workers: int, *, postgres: bool) -> int
     return 1 if cpus > workers else 0
 
 
+def next_restart_delay(delay: float, base: float, *, answered: bool) -> float:
+    """The wait before the next restart: ``base`` again once a helper has
+    answered; doubled, up to :data:`MAX_RESTART_DELAY_S`, while none does
+    (one that cannot run here at all is tried less and less often)."""
+    return base if answered else min(2 * delay, MAX_RESTART_DELAY_S)
+
+
 @attrs.frozen
 class VerifierStatistics:
     healthy: bool
@@ -200,9 +207,7 @@ class SignatureVerifier:
                     log.warning("signature helper failed (%s); restarting in %.1f s", exc, delay)
                 up()  # a helper that could not start does not hold the server's start
                 await trio.sleep(delay)
-                # One that never answered (it cannot run here, say) is retried
-                # less and less often; one that worked for a while, at once.
-                delay = self._restart_delay_s if self._helper_checks > answered else min(2 * delay, MAX_RESTART_DELAY_S)
+                delay = next_restart_delay(delay, self._restart_delay_s, answered=self._helper_checks > answered)
         finally:
             self._tasks -= 1
 

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from pqmsg.nurseries.verifier import HELPER_ARGV, helper_count, open_signature_verifier
+from pqmsg.nurseries.verifier import (
+    HELPER_ARGV,
+    MAX_RESTART_DELAY_S,
+    helper_count,
+    next_restart_delay,
+    open_signature_verifier,
+)
 from pqmsg.protocol import crypto
 
 KEY = crypto.generate_signing_key()
@@ -194,3 +200,12 @@ def test_auto_gives_one_helper_only_on_postgresql_with_a_cpu_to_spare() -> None:
 
 def test_the_helper_is_this_python() -> None:
     assert HELPER_ARGV[0] == sys.executable
+
+
+def test_restarts_back_off_while_helpers_answer_nothing() -> None:
+    delays, delay = [], 1.0
+    for _ in range(8):
+        delay = next_restart_delay(delay, 1.0, answered=False)
+        delays.append(delay)
+    assert delays == [2.0, 4.0, 8.0, 16.0, 32.0, MAX_RESTART_DELAY_S, MAX_RESTART_DELAY_S, MAX_RESTART_DELAY_S]
+    assert next_restart_delay(MAX_RESTART_DELAY_S, 1.0, answered=True) == 1.0
