@@ -234,8 +234,7 @@ class SignatureVerifier:
         finally:
             self._running -= 1
             if self._running == 0:
-                self._answer_in_process(self._queue)
-                self._queue.clear()
+                self._drain_in_process()
             await _stop(process)
 
     async def _next_batch(self) -> list[_Check]:
@@ -258,10 +257,14 @@ class SignatureVerifier:
                 self._in_process += 1
                 check.answer(crypto.verifies(check.key, check.message, check.signature))
 
-    def _close(self) -> None:
-        self._closed = True
+    def _drain_in_process(self) -> None:
+        """Answer everything queued here: no helper is left to take it."""
         self._answer_in_process(self._queue)
         self._queue.clear()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._drain_in_process()
 
 
 async def _exchange(process: trio.Process, batch: list[_Check]) -> None:

@@ -45,11 +45,9 @@ class BadBatch(Exception):
     """The input is not a well-formed batch."""
 
 
-def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
-    """``size`` bytes, or None at end of input before the first of them."""
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """``size`` bytes; :class:`BadBatch` if the input ends first."""
     data = stream.read(size)
-    if not data and size:
-        return None
     if len(data) != size:
         raise BadBatch("input ended inside a batch")
     return data
@@ -57,21 +55,20 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 
 def answer_batch(stream: BinaryIO) -> bytes | None:
     """Read one batch and check it: one answer byte per check, or None at end of input."""
-    header = _read_exactly(stream, COUNT.size)
-    if header is None:
-        return None
+    header = stream.read(COUNT.size)
+    if not header:
+        return None  # end of input between batches
+    if len(header) != COUNT.size:
+        raise BadBatch("input ended inside a batch")
     (count,) = COUNT.unpack(header)
     if not 0 < count <= MAX_BATCH:
         raise BadBatch(f"a batch of {count} checks")
     answers = bytearray(count)
     for index in range(count):
-        lengths = _read_exactly(stream, LENGTHS.size)
-        if lengths is None:
-            raise BadBatch("input ended inside a batch")
-        key_len, message_len, signature_len = LENGTHS.unpack(lengths)
+        key_len, message_len, signature_len = LENGTHS.unpack(_read_exactly(stream, LENGTHS.size))
         if key_len > MAX_KEY_BYTES or message_len > MAX_MESSAGE_BYTES or signature_len > MAX_SIGNATURE_BYTES:
             raise BadBatch("a check larger than any the server sends")
-        parts = _read_exactly(stream, key_len + message_len + signature_len) or b""
+        parts = _read_exactly(stream, key_len + message_len + signature_len)
         key = parts[:key_len]
         message = parts[key_len : key_len + message_len]
         signature = parts[key_len + message_len :]

@@ -41,8 +41,9 @@ def test_answers_one_byte_per_check_in_order() -> None:
         encode_batch([GOOD, GOOD])[: COUNT.size + LENGTHS.size + 10],
         COUNT.pack(2) + encode_batch([GOOD])[COUNT.size :],  # one check short
         b"\x01\x00",  # inside the count
+        COUNT.pack(1) + LENGTHS.pack(1, 1, 1),  # input ends where the parts begin
     ],
-    ids=["empty", "too-many", "huge-key", "huge-message", "cut-check", "cut-parts", "short", "cut-count"],
+    ids=["empty", "too-many", "huge-key", "huge-message", "cut-check", "cut-parts", "short", "cut-count", "no-parts"],
 )
 def test_refuses_what_is_not_a_batch(data: bytes) -> None:
     with pytest.raises(BadBatch):
