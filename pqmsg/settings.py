@@ -70,8 +70,9 @@ class AuthSettings:
     last_seen_resolution_s: int = 60
     #: Active devices whose keys a replica remembers for sends (0: none).
     device_key_cache: int = 10_000
-    #: Signature-check helper processes per worker (None: auto, one when a
-    #: CPU is spare; 0: checks on the event loop). See pqmsg.nurseries.verifier.
+    #: Signature-check helper processes per worker (None: auto, one on
+    #: PostgreSQL when a CPU is spare; 0: checks on the event loop). See
+    #: pqmsg.nurseries.verifier.
     verify_processes: int | None = None
 
 
