@@ -10,12 +10,11 @@ bytes of header block instead of 25, on a connection that moves kilobytes
 per request anyway (``Pqmsg-Signature`` alone is 4.4 KB).
 
 :func:`apply` gives each of the server's HTTP/2 connections (Hypercorn's
-``H2Protocol``) a :class:`ResponseEncoder`: the SDK's raw-literal encoder
-(:class:`pqmsg.client.transport.RawLiteralEncoder`; RFC 7541 5.2 lets the
-encoder choose) that also sends ``x-request-id`` never-indexed. Other
-fields are indexed as before. The marking is made at the encoder because
-Hypercorn rebuilds the application's header pairs as plain tuples before
-h2 sees them.
+``H2Protocol``) a :class:`ResponseEncoder`: raw literals, as the SDK's
+requests use (RFC 7541 5.2 lets the encoder choose), and ``x-request-id``
+never-indexed. Other fields are indexed as before. The marking is made
+at the encoder because Hypercorn rebuilds the application's header pairs
+as plain tuples before h2 sees them.
 
 The bench's floor gets :func:`apply` too (``pqmsg.server.apply_hypercorn_fixes``):
 its responses carry no per-request field, so it neither pays nor saves.
@@ -30,13 +29,11 @@ from typing import Any
 import hpack
 from hypercorn.protocol.h2 import H2Protocol
 
-from pqmsg.client.transport import RawLiteralEncoder
-
 REQUEST_ID_NAME = b"x-request-id"
 _original_init = H2Protocol.__init__
 
 
-class ResponseEncoder(RawLiteralEncoder):
+class ResponseEncoder(hpack.Encoder):
     """Raw literals, and the request id as a never-indexed field."""
 
     def encode(self, headers: Iterable[Any], huffman: bool = True) -> bytes:

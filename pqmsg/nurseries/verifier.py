@@ -228,8 +228,7 @@ class SignatureVerifier:
                     self._failures += 1
                     raise HelperFailed(f"{type(exc).__name__} {exc}".strip()) from exc
                 finally:
-                    if not all(check.done.is_set() for check in batch):
-                        self._answer_in_process(batch)  # failed, or the server is closing
+                    self._answer_in_process(batch)  # what is unanswered: failed, or the server is closing
                 self._helper_checks += len(batch)
         finally:
             self._running -= 1

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from pqmsg.nurseries.verifier import (
-    HELPER_ARGV,
     MAX_RESTART_DELAY_S,
+    SignatureVerifier,
     helper_count,
     next_restart_delay,
     open_signature_verifier,
@@ -74,12 +74,12 @@ def fails_once(marker: Path) -> list[str]:
     )
 
 
-async def check_all(verifier: object, cases: list[tuple[tuple[bytes, bytes, bytes], bool]]) -> list[bool]:
+async def check_all(verifier: SignatureVerifier, cases: list[tuple[tuple[bytes, bytes, bytes], bool]]) -> list[bool]:
     """Run every case at once (so they share batches); the answers in order."""
     answers: list[bool | None] = [None] * len(cases)
 
     async def one(index: int) -> None:
-        answers[index] = await verifier.verifies(*cases[index][0])  # type: ignore[attr-defined]
+        answers[index] = await verifier.verifies(*cases[index][0])
 
     async with trio.open_nursery() as nursery:
         for index in range(len(cases)):
@@ -196,10 +196,6 @@ def test_auto_gives_one_helper_only_on_postgresql_with_a_cpu_to_spare() -> None:
     assert helper_count(None, 1, postgres=False) == 0
     assert helper_count(3, cpus, postgres=False) == 3
     assert helper_count(0, 1, postgres=True) == 0
-
-
-def test_the_helper_is_this_python() -> None:
-    assert HELPER_ARGV[0] == sys.executable
 
 
 def test_restarts_back_off_while_helpers_answer_nothing() -> None:
